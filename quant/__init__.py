@@ -1,0 +1,1 @@
+"""wanrt quant: GGUF files, ggml block codecs, checkpoint conversion. No GPU needed."""
