@@ -177,6 +177,7 @@ class GGUFWriter:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
+                f.flush()
                 for t in self._tensors.values():
                     data = _as_bytes(t.produce(), t)
                     f.write(data)
