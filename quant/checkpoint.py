@@ -163,7 +163,7 @@ class Checkpoint:
 
     def describe(self) -> str:
         what = wan_names.KIND_DESCRIPTIONS[self.kind]
-        return f"{self.format} file(s) with {len(self._infos)} tensors in {self.naming} naming: {what}"
+        return f"{self.format} checkpoint with {len(self._infos)} tensors in {self.naming} naming: {what}"
 
     def __contains__(self, name: str) -> bool:
         return name in self._infos
