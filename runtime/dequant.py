@@ -18,10 +18,14 @@ def decode(
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`data` in `ggml_type` (None: already a float tensor of `shape`) -> `dtype`."""
+    """`data` in `ggml_type` (None: already a float tensor of `shape`) -> `dtype`,
+    written into `out` when given."""
     if ggml_type is None:
-        return data if data.dtype == dtype else data.to(dtype)
-    if ggml_type in PLAIN_DTYPES:
+        w = data
+    elif ggml_type in PLAIN_DTYPES:
         w = data.view(PLAIN_DTYPES[ggml_type]).view(shape)
-        return w if w.dtype == dtype else w.to(dtype)
-    return dequantize(data, ggml_type, shape, dtype, out=out)
+    else:
+        return dequantize(data, ggml_type, shape, dtype, out=out)
+    if out is not None:
+        return out.copy_(w.view(out.shape))
+    return w if w.dtype == dtype else w.to(dtype)

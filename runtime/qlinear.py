@@ -1,48 +1,169 @@
-"""A linear layer whose weight stays in its stored format until the matmul."""
+"""A linear layer whose weight stays in its stored format until the matmul.
+
+The weight is decoded right before use into a reusable scratch buffer (one per device
+and slot, shared by every layer of a model), so a forward never holds more than one or
+two dense copies of weights that live quantized: q8_0/q4_0/... GGUF blocks, f16/bf16,
+or ComfyUI's scaled fp8 (float8_e4m3fn values times a scale).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.ggml_types import GGMLType
+from quant.ggml_types import GGMLType, row_nbytes
 from quant.packed import PackedTensor
 
 from .dequant import decode
 
+FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class ScratchPool:
+    """Byte buffers reused for decoded weights, keyed by (device, slot), grown on demand.
+
+    `limit_bytes` caps what one decode may take: a larger weight is decoded and applied
+    in row chunks, so a few oversized layers (the time projection: 6·dim x dim) do not
+    set the size of the buffer every layer shares. Uses on one CUDA stream are ordered,
+    so a buffer can be overwritten as soon as the next kernel is queued."""
+
+    def __init__(self, limit_bytes: int | None = None):
+        self.limit_bytes = limit_bytes
+        self._buffers: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        key = (torch.device(device), slot)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            self._buffers.pop(key, None)  # free the old one before growing
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._buffers[key] = buf
+        return buf[:nbytes].view(dtype)
+
+    def nbytes(self, device: torch.device | None = None) -> int:
+        return sum(b.numel() for (d, _), b in self._buffers.items() if device is None or d == torch.device(device))
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def attach_scratch(module: nn.Module, pool: ScratchPool | None) -> None:
+    """Make every QLinear inside `module` decode into `pool`."""
+    for m in module.modules():
+        if isinstance(m, QLinear):
+            m.scratch = pool
+
 
 class QLinear(nn.Module):
-    """y = x·Wᵀ + b. `weight` is a registered buffer holding either a float tensor
-    [out, in] (ggml_type None) or the raw uint8 bytes of a packed tensor; replacing
-    the buffer (e.g. with a view into a streaming slot) is all it takes to move it."""
+    """y = x·Wᵀ + b. `weight` is a registered buffer holding a float tensor [out, in]
+    (ggml_type None; fp8 with a `weight_scale`), or the raw uint8 bytes of a packed
+    tensor; replacing the buffer (e.g. with a view into a streaming slot) is all it
+    takes to move it. `bias` and `weight_scale` are buffers too."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.ggml_type: GGMLType | None = None
-        self.register_buffer("weight", torch.empty(out_features, in_features))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.scratch: ScratchPool | None = None
+        # device="meta" builds a shell whose buffers a loader fills in later.
+        self.register_buffer("weight", torch.empty(out_features, in_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("weight_scale", None)
 
-    def set_weight(self, weight: torch.Tensor | PackedTensor) -> None:
-        shape = (self.out_features, self.in_features)
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def set_weight(self, weight: torch.Tensor | PackedTensor, scale: torch.Tensor | None = None) -> None:
+        """A dense tensor [out, in], a PackedTensor, or fp8 values with their `scale`
+        (a scalar, or one per output row) as ComfyUI's scaled fp8 files store them."""
+        shape = self.shape
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"weight of shape {list(weight.shape)} given to a linear of shape {list(shape)}")
         if isinstance(weight, PackedTensor):
-            if weight.shape != shape:
-                raise ValueError(f"weight of shape {list(weight.shape)} given to a linear of shape {list(shape)}")
-            self.ggml_type, self.weight = weight.ggml_type, weight.data
-        else:
-            if tuple(weight.shape) != shape:
-                raise ValueError(f"weight of shape {list(weight.shape)} given to a linear of shape {list(shape)}")
-            self.ggml_type, self.weight = None, weight
+            if scale is not None:
+                raise ValueError("a scale only applies to fp8 weights")
+            self.ggml_type, self.weight, self.weight_scale = weight.ggml_type, weight.data, None
+            return
+        if (scale is not None) != (weight.dtype in FP8_TYPES):
+            raise ValueError(f"{weight.dtype} weight {'needs' if scale is None else 'takes no'} scale")
+        if scale is not None:
+            scale = scale.to(torch.float32)
+            if scale.numel() == self.out_features and scale.numel() != 1:
+                scale = scale.reshape(self.out_features, 1)
+            elif scale.numel() == 1:
+                scale = scale.reshape(())
+            else:
+                raise ValueError(f"fp8 scale of shape {list(scale.shape)} fits neither one scale nor one per row")
+        self.ggml_type, self.weight, self.weight_scale = None, weight, scale
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return decode(self.weight, self.ggml_type, (self.out_features, self.in_features), dtype)
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype of a dense weight; None when it is packed."""
+        return self.weight.dtype if self.ggml_type is None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense_weight(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, b)
+    def _decode_rows(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+        n_in = self.in_features
+        if self.ggml_type is None:
+            w = self.weight[r0:r1]
+            if self.weight_scale is None:
+                if out is None or w.dtype == dtype:
+                    return w if w.dtype == dtype else w.to(dtype)
+                return decode(w, None, (r1 - r0, n_in), dtype, out=out)
+            # fp8: value·scale computed in float32, rounded once to `dtype`.
+            s = self.weight_scale if self.weight_scale.dim() == 0 else self.weight_scale[r0:r1]
+            w = w.to(torch.float32).mul_(s)
+            return w.to(dtype) if out is None else out.copy_(w)
+        row = row_nbytes(self.ggml_type, n_in)
+        data = self.weight[r0 * row : r1 * row]
+        return decode(data, self.ggml_type, (r1 - r0, n_in), dtype, out=out)
+
+    def _row_chunk(self, dtype: torch.dtype) -> int:
+        pool = self.scratch
+        if pool is None or pool.limit_bytes is None:
+            return self.out_features
+        per_row = self.in_features * torch.empty((), dtype=dtype).element_size()
+        return max(1, min(self.out_features, pool.limit_bytes // per_row))
+
+    def needs_decode(self, dtype: torch.dtype) -> bool:
+        return not (self.ggml_type is None and self.weight_scale is None and self.weight.dtype == dtype)
+
+    def dense_weight(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+        """The whole weight as `dtype` [out, in]: the stored tensor itself when it already
+        is that dtype, else a scratch view valid until the next decode into `slot`."""
+        if not self.needs_decode(dtype):
+            return self.weight
+        out = None
+        if self.scratch is not None:
+            out = self.scratch.take(self.weight_numel, dtype, self.weight.device, slot).view(self.shape)
+        return self._decode_rows(0, self.out_features, dtype, out)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def forward(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        dtype = x.dtype
+        b = None if self.bias is None else self.bias.to(dtype)
+        chunk = self._row_chunk(dtype)
+        if not self.needs_decode(dtype) or chunk >= self.out_features:
+            return F.linear(x, self.dense_weight(dtype, slot), b)
+        # Too large for the shared scratch: decode and apply a block of output rows at a time.
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for r0 in range(0, self.out_features, chunk):
+            r1 = min(self.out_features, r0 + chunk)
+            out = self.scratch.take((r1 - r0) * self.in_features, dtype, self.weight.device, slot).view(r1 - r0, -1)
+            w = self._decode_rows(r0, r1, dtype, out)
+            y[..., r0:r1] = F.linear(x, w, None if b is None else b[r0:r1])
+        return y
 
     def extra_repr(self) -> str:
-        kind = "dense" if self.ggml_type is None else self.ggml_type.name
+        if self.ggml_type is not None:
+            kind = self.ggml_type.name
+        elif self.weight_scale is not None:
+            kind = f"scaled {self.weight.dtype}"
+        else:
+            kind = str(self.weight.dtype)
         return f"in={self.in_features}, out={self.out_features}, weight={kind}, bias={self.bias is not None}"

@@ -1,0 +1,499 @@
+"""The Wan 2.2 diffusion transformer (the official `WanModel`), over quantized weights.
+
+    x ⊕ y ─Conv3d patches─► tokens [B, S, dim]           (S = seq_len, zero-padded)
+    t ─sinusoid (float64)─► time_embedding ─► e ─► time_projection ─► e0 [6, dim]
+    context ─pad to 512─► text_embedding ─► [B, 512, dim]
+    40 × block:  x += gate_sa · SelfAttn(LN(x)·(1+scale_sa)+shift_sa, rope)
+                 x += CrossAttn(LN3(x), context)
+                 x += gate_ff · FFN(LN(x)·(1+scale_ff)+shift_ff)
+    head: Linear(LN(x)·(1+scale)+shift) with (shift, scale) = head.modulation + e ─► unpatchify
+
+Numerics follow the official code (WAN22.md 2.7): in a bfloat16 run the linears, the patch
+Conv3d and attention run in bfloat16 while the sinusoid (float64), time embedding,
+modulation, every norm, rope (float64), the gated residual updates (float32 residual
+stream) and the whole head stay float32, as under the official bf16 autocast.
+
+Memory is kept lean without changing a number: the official code computes the time
+embedding per token ([B, L, 6, dim] float32, 4 GB at 480p); here it is computed once per
+distinct timestep and applied to the runs of tokens that share it. Norms and rope work
+over token chunks, residual updates are in place, and the FFN (and attention, by heads)
+can be chunked through `model.settings`.
+
+For a streaming engine: `model.blocks` is an nn.ModuleList; every weight of a block is a
+buffer of that block (QLinear keeps packed bytes as its `weight` buffer), and the forward
+calls each block through `model.run_block(i, block, x, ctx)`, which an engine may replace
+(assign a callable to the instance attribute) to make block i resident before it runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention, resolve_kernel
+from .dit_config import DiTConfig
+from .qlinear import QLinear, ScratchPool, attach_scratch
+from .rope import RopeTable, rotate
+
+# Elementwise float32/float64 work (norms, rope, modulation) runs over token chunks of
+# about this many values, so its temporaries stay small next to the activations.
+DEFAULT_CHUNK_VALUES = 1 << 23
+
+# Beyond this many runs of equal timesteps per sample, per-token tables are gathered
+# instead of walking the runs (arbitrary per-token t; TI2V has two runs).
+MAX_RUNS_PER_SAMPLE = 64
+
+
+@dataclass
+class ComputeSettings:
+    """How to compute, not what: every choice here gives the same numbers."""
+
+    dtype: torch.dtype = torch.float32  # linears, conv and attention; float32 or bfloat16
+    attention: str = "sdpa"  # attention kernel name (runtime.attention.KERNELS)
+    ffn_chunk_tokens: int | None = None  # run the FFN over this many tokens at a time
+    attn_heads_per_chunk: int | None = None  # run attention over this many heads at a time
+    chunk_values: int = DEFAULT_CHUNK_VALUES  # elementwise work per chunk (values)
+
+    def chunk_tokens(self, width: int) -> int:
+        return max(1, self.chunk_values // width)
+
+
+# ---- timesteps: one embedding per distinct value ------------------------------------
+
+
+def sinusoid(freq_dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[cos(t·w_j) for all j, then sin(t·w_j)], w_j = 10000^(-j/half), in float64 -> float32."""
+    half = freq_dim // 2
+    t = t.to(torch.float64)
+    angles = torch.outer(t, torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half)))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+@dataclass
+class Segment:
+    """Tokens [start, end) of the flattened [B·S] sequence and which timestep they use:
+    an index into the distinct values, or per-token indices (a LongTensor)."""
+
+    start: int
+    end: int
+    which: int | torch.Tensor
+
+    def rows(self, table: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """table [U, ...] -> the rows for tokens [s, e) of this segment (broadcastable)."""
+        if isinstance(self.which, int):
+            return table[self.which]
+        return table[self.which[s - self.start : e - self.start]]
+
+    def piece(self, s: int, e: int) -> "Segment":
+        """Tokens [s, e) of this segment, renumbered from 0."""
+        which = self.which if isinstance(self.which, int) else self.which[s - self.start : e - self.start]
+        return Segment(0, e - s, which)
+
+
+def timestep_segments(t: torch.Tensor, batch: int, seq_len: int, device) -> tuple[torch.Tensor, list[Segment]]:
+    """Distinct timesteps (float64 [U]) and the runs of tokens that use each.
+    `t` is [B] (one per sample), [B, seq_len] (per token) or a scalar."""
+    t = t.detach().to("cpu")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.dim() == 1:
+        if t.numel() != batch:
+            raise ValueError(f"t has {t.numel()} values for a batch of {batch}; pass [B] or [B, seq_len]")
+        t = t[:, None].expand(batch, seq_len)
+    if t.dim() != 2 or tuple(t.shape) != (batch, seq_len):
+        raise ValueError(f"t of shape {list(t.shape)}: expected [{batch}] or [{batch}, {seq_len}]")
+    values, inverse = torch.unique(t.to(torch.float64), return_inverse=True)
+    segments: list[Segment] = []
+    for b in range(batch):
+        row = inverse[b]
+        cuts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist(), seq_len]
+        if len(cuts) - 1 > MAX_RUNS_PER_SAMPLE:
+            segments.append(Segment(b * seq_len, (b + 1) * seq_len, row.to(device)))
+            continue
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            u, start = int(row[s]), b * seq_len + s
+            last = segments[-1] if segments else None
+            if last is not None and isinstance(last.which, int) and last.which == u and last.end == start:
+                last.end = b * seq_len + e  # same timestep continues into the next sample
+            else:
+                segments.append(Segment(start, b * seq_len + e, u))
+    return values, segments
+
+
+def chunks(segments: Sequence[Segment], max_tokens: int | None):
+    """(segment, s, e) pieces of at most `max_tokens` tokens (None: whole segments)."""
+    for seg in segments:
+        step = seg.end - seg.start if max_tokens is None else max_tokens
+        for s in range(seg.start, seg.end, step):
+            yield seg, s, min(seg.end, s + step)
+
+
+@dataclass
+class TimeEmbedding:
+    e: torch.Tensor  # [U, dim] float32: time_embedding output (the head's modulation input)
+    e0: torch.Tensor  # [U, 6, dim] float32: time_projection output (every block's)
+    segments: list[Segment]
+
+    def per_token(self, batch: int, seq_len: int, table: torch.Tensor) -> torch.Tensor:
+        """A [U, ...] table expanded to [B, seq_len, ...] as the official code holds it
+        (for inspection and tests; the forward never builds it)."""
+        out = table.new_empty(batch * seq_len, *table.shape[1:])
+        for seg, s, e in chunks(self.segments, None):
+            out[s:e] = seg.rows(table, s, e)
+        return out.view(batch, seq_len, *table.shape[1:])
+
+
+# ---- norms ---------------------------------------------------------------------------
+
+
+def modulated_norm(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segments, out_dtype, eps: float, chunk: int | None
+) -> torch.Tensor:
+    """LN(x)·(1 + scale) + shift over x [T, dim], float32 math, written as `out_dtype`.
+    LN has no affine weights and, like the official WanLayerNorm, rounds its float32
+    result to x's dtype (a bf16 stream in the first block) before the modulation."""
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    for seg, s, e in chunks(segments, chunk):
+        n = F.layer_norm(x[s:e].float(), x.shape[-1:], eps=eps)
+        if x.dtype != torch.float32:
+            n = n.to(x.dtype).float()
+        out[s:e] = n.mul_(1 + seg.rows(scale, s, e)).add_(seg.rows(shift, s, e))
+    return out
+
+
+def gated_add_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, segments, chunk: int | None) -> None:
+    """x += y·gate in float32, in place (x [T, dim] float32)."""
+    for seg, s, e in chunks(segments, chunk):
+        x[s:e].addcmul_(y[s:e], seg.rows(gate, s, e))
+
+
+class RMSNorm(nn.Module):
+    """Official WanRMSNorm over the full width (all heads together): the norm in float32,
+    rounded to the input dtype, times the weight (promoted to float32)."""
+
+    def __init__(self, dim: int, eps: float, device=None):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(dim, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.float()
+        n = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return n.to(x.dtype) * self.weight.float()
+
+    def normalize_(self, x: torch.Tensor, chunk: int, rope: Sequence[tuple] | None = None) -> torch.Tensor:
+        """In place over x [B, S, dim] in token chunks; with `rope` (per sample: cos, sin
+        [L_i, head_dim/2] for its real tokens) the normed heads are also rotated in
+        float64 as the official rope_apply does, padding tokens left unrotated."""
+        B, S, D = x.shape
+        for b in range(B):
+            cos, sin = rope[b] if rope is not None else (None, None)
+            n_real = 0 if cos is None else cos.shape[0]
+            for s in range(0, S, chunk):
+                e = min(S, s + chunk)
+                y = self(x[b, s:e])
+                if s < n_real:
+                    r = min(e, n_real)
+                    heads = y[: r - s].view(r - s, -1, 2 * cos.shape[1])
+                    y[: r - s] = rotate(heads, cos[s:r], sin[s:r]).view(r - s, D)
+                x[b, s:e] = y
+        return x
+
+
+class AffineLayerNorm(nn.Module):
+    """LayerNorm with weight and bias (the block's norm3, cross_attn_norm), float32 math."""
+
+    def __init__(self, dim: int, eps: float, device=None):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(dim, device=device))
+        self.register_buffer("bias", torch.zeros(dim, device=device))
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
+        T, D = x.shape
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        w, b = self.weight.float(), self.bias.float()
+        step = T if chunk is None else chunk
+        for s in range(0, T, step):
+            out[s : s + step] = F.layer_norm(x[s : s + step].float(), (D,), w, b, self.eps)
+        return out
+
+
+# ---- attention -----------------------------------------------------------------------
+
+
+@dataclass
+class BlockInputs:
+    """What every block needs besides the residual stream."""
+
+    time: TimeEmbedding
+    context: torch.Tensor  # [B, text_len, dim] compute dtype
+    seq_lens: list[int]  # real tokens per sample
+    rope: list[tuple[torch.Tensor, torch.Tensor]]  # per sample: cos, sin float64 [L_i, head_dim/2]
+    settings: ComputeSettings
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float, device=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = QLinear(dim, dim, device=device)
+        self.k = QLinear(dim, dim, device=device)
+        self.v = QLinear(dim, dim, device=device)
+        self.o = QLinear(dim, dim, device=device)
+        self.norm_q = RMSNorm(dim, eps, device)
+        self.norm_k = RMSNorm(dim, eps, device)
+
+    def forward(self, h: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
+        """h [B, S, dim] -> [B, S, dim]; keys beyond each sample's real length are excluded."""
+        B, S, D = h.shape
+        n, chunk = self.num_heads, ctx.settings.chunk_tokens(D)
+        q = self.norm_q.normalize_(self.q(h), chunk, ctx.rope)
+        k = self.norm_k.normalize_(self.k(h), chunk, ctx.rope)
+        v = self.v(h)
+        del h
+        a = attention(
+            q.view(B, S, n, -1), k.view(B, S, n, -1), v.view(B, S, n, -1), ctx.seq_lens,
+            kernel=ctx.settings.attention, heads_per_chunk=ctx.settings.attn_heads_per_chunk,
+        )
+        del q, k, v
+        return self.o(a.reshape(B, S, D))
+
+
+class CrossAttention(SelfAttention):
+    def forward(self, h: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
+        """h [B, S, dim] attends to all text_len context rows (padding included, as official)."""
+        B, S, D = h.shape
+        n, chunk = self.num_heads, ctx.settings.chunk_tokens(D)
+        q = self.norm_q.normalize_(self.q(h), chunk)
+        del h
+        k = self.norm_k.normalize_(self.k(ctx.context), chunk)
+        v = self.v(ctx.context)
+        a = attention(
+            q.view(B, S, n, -1), k.view(B, -1, n, k.shape[-1] // n), v.view(B, -1, n, v.shape[-1] // n),
+            kernel=ctx.settings.attention, heads_per_chunk=ctx.settings.attn_heads_per_chunk,
+        )
+        del q, k, v
+        return self.o(a.reshape(B, S, D))
+
+
+# ---- the block -----------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig, device=None):
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps, device)
+        self.norm3 = AffineLayerNorm(d, cfg.eps, device)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps, device)
+        self.ffn = nn.Sequential(
+            QLinear(d, cfg.ffn_dim, device=device), nn.GELU(approximate="tanh"), QLinear(cfg.ffn_dim, d, device=device)
+        )
+        self.register_buffer("modulation", torch.zeros(1, 6, d, device=device))
+
+    def forward(self, x: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim] float32 (updated in place once it is float32)."""
+        B, S, D = x.shape
+        st = ctx.settings
+        chunk, segs = st.chunk_tokens(D), ctx.time.segments
+        # modulation = table + e0, float32 [U, 6, dim]
+        mod = self.modulation.float().view(6, D) + ctx.time.e0
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(1)
+
+        # 1. self-attention on LN1(x)·(1 + scale) + shift
+        h = modulated_norm(x.view(-1, D), shift_sa, scale_sa, segs, st.dtype, self.eps, chunk)
+        y = self.self_attn(h.view(B, S, D), ctx)
+        del h
+        # 2. x += y·gate; the residual stream is float32 from here on
+        if x.dtype != torch.float32:
+            x = x.float()
+        xf = x.view(-1, D)
+        gated_add_(xf, y.view(-1, D), gate_sa, segs, chunk)
+        del y
+        # 3. cross-attention on LN3(x) (affine), no modulation, no gate
+        xf += self.cross_attn(self.norm3(xf, st.dtype, chunk).view(B, S, D), ctx).view(-1, D)
+        # 4. x += FFN(LN2(x)·(1 + scale) + shift)·gate
+        self.ffn_residual_(xf, shift_ff, scale_ff, gate_ff, segs, st)
+        return x
+
+    def ffn_residual_(self, x: torch.Tensor, shift, scale, gate, segments, st: ComputeSettings) -> None:
+        """Linear -> GELU(tanh) -> Linear, over `st.ffn_chunk_tokens` tokens at a time; both
+        weights are decoded once (two scratch slots) and reused by every chunk."""
+        up, down = self.ffn[0], self.ffn[2]
+        w_up, w_down = up.dense_weight(st.dtype, slot=0), down.dense_weight(st.dtype, slot=1)
+        b_up, b_down = up.bias.to(st.dtype), down.bias.to(st.dtype)
+        chunk = st.chunk_tokens(x.shape[-1])
+        for seg, s, e in chunks(segments, st.ffn_chunk_tokens):
+            h = modulated_norm(x[s:e], shift, scale, [seg.piece(s, e)], st.dtype, self.eps, chunk)
+            a = torch.ops.aten.gelu_(F.linear(h, w_up, b_up), approximate="tanh")
+            del h
+            out = F.linear(a, w_down, b_down)
+            del a
+            x[s:e].addcmul_(out, seg.rows(gate, s, e))
+
+
+# ---- embeddings and head -------------------------------------------------------------
+
+
+class PatchEmbedding(nn.Module):
+    """Conv3d(in_dim, dim, kernel = stride = patch)."""
+
+    def __init__(self, cfg: DiTConfig, device=None):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.register_buffer("weight", torch.zeros(cfg.dim, cfg.in_dim, *cfg.patch_size, device=device))
+        self.register_buffer("bias", torch.zeros(cfg.dim, device=device))
+
+    def forward(self, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """u [C, F, H, W] -> [1, dim, F/pt, H/ph, W/pw]."""
+        return F.conv3d(u[None].to(dtype), self.weight.to(dtype), self.bias.to(dtype), stride=self.patch_size)
+
+
+class Head(nn.Module):
+    """Linear(LN(x)·(1 + scale) + shift), (shift, scale) = modulation + e; all float32."""
+
+    def __init__(self, cfg: DiTConfig, device=None):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = QLinear(cfg.dim, cfg.patch_numel * cfg.out_dim, device=device)
+        self.register_buffer("modulation", torch.zeros(1, 2, cfg.dim, device=device))
+
+    def forward(self, x: torch.Tensor, time: TimeEmbedding, settings: ComputeSettings) -> torch.Tensor:
+        D = x.shape[-1]
+        mod = self.modulation.float().view(2, D) + time.e[:, None, :]  # [U, 2, dim]
+        shift, scale = mod.unbind(1)
+        h = modulated_norm(x.reshape(-1, D), shift, scale, time.segments, torch.float32, self.eps, settings.chunk_tokens(D))
+        return self.head(h).view(*x.shape[:2], -1)
+
+
+class WanDiT(nn.Module):
+    """The official WanModel: `model(x, t, context, seq_len, y=None)` takes and returns
+    what WanModel.forward does (lists of per-sample tensors; t as [B] or [B, seq_len])."""
+
+    def __init__(self, config: DiTConfig, settings: ComputeSettings | None = None, device=None):
+        super().__init__()
+        cfg = self.config = config
+        self.settings = settings or ComputeSettings()
+        d = cfg.dim
+        self.patch_embedding = PatchEmbedding(cfg, device)
+        self.text_embedding = nn.Sequential(
+            QLinear(cfg.text_dim, d, device=device), nn.GELU(approximate="tanh"), QLinear(d, d, device=device)
+        )
+        self.time_embedding = nn.Sequential(QLinear(cfg.freq_dim, d, device=device), nn.SiLU(), QLinear(d, d, device=device))
+        self.time_projection = nn.Sequential(nn.SiLU(), QLinear(d, 6 * d, device=device))
+        self.blocks = nn.ModuleList(Block(cfg, device) for _ in range(cfg.num_layers))
+        self.head = Head(cfg, device)
+        self._rope: RopeTable | None = None
+        # One dense-weight buffer per device and slot, sized for the largest block linear.
+        self.scratch = ScratchPool(limit_bytes=max(d * d, d * cfg.ffn_dim) * 2)
+        attach_scratch(self, self.scratch)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.settings.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def set_attention(self, kernel: str | None) -> None:
+        """"sdpa" (default), "sage", or a name given to runtime.attention.register_kernel."""
+        self.settings.attention = resolve_kernel(kernel)
+
+    def rope_table(self, device) -> RopeTable:
+        if self._rope is None or self._rope.cos.device != torch.device(device):
+            self._rope = RopeTable(self.config.head_dim, device)
+        return self._rope
+
+    # -- the forward, step by step --
+
+    def embed_video(self, x: Sequence[torch.Tensor], y, seq_len: int):
+        """1. x ⊕ y -> patch tokens, zero-padded to seq_len: [B, S, dim] (compute dtype)
+        and the per-sample grids (F, H, W) in patches."""
+        cfg, dtype = self.config, self.dtype
+        if y is not None:
+            if len(y) != len(x):
+                raise ValueError(f"{len(x)} latents but {len(y)} conditions y")
+            x = [torch.cat([u, v.to(u.dtype)], dim=0) for u, v in zip(x, y)]
+        tokens = torch.zeros(len(x), seq_len, cfg.dim, dtype=dtype, device=self.device)
+        grids = []
+        for i, u in enumerate(x):
+            if u.dim() != 4 or u.shape[0] != cfg.in_dim:
+                have = f"{list(u.shape)}" + ("" if y is None else " after concatenating y")
+                raise ValueError(f"sample {i}: input of shape {have}, expected [{cfg.in_dim}, F, H, W] for this {cfg.model_type} model")
+            p = self.patch_embedding(u.to(self.device), dtype)  # [1, dim, F, H', W']
+            grid = tuple(p.shape[2:])
+            n = math.prod(grid)
+            if n > seq_len:
+                raise ValueError(f"sample {i} has {n} tokens, more than seq_len {seq_len}")
+            tokens[i, :n] = p.flatten(2).transpose(1, 2)[0]
+            grids.append(grid)
+        return tokens, grids
+
+    def embed_time(self, t: torch.Tensor, batch: int, seq_len: int) -> TimeEmbedding:
+        """2. e = time_embedding(sinusoid(t)), e0 = time_projection(e), float32, computed
+        once per distinct timestep (the official code does it per token)."""
+        values, segments = timestep_segments(t, batch, seq_len, self.device)
+        s = sinusoid(self.config.freq_dim, values.to(self.device))
+        lin1, _, lin2 = self.time_embedding
+        e = lin2(F.silu(lin1(s)))
+        e0 = self.time_projection[1](F.silu(e)).unflatten(1, (6, self.config.dim))
+        return TimeEmbedding(e, e0, segments)
+
+    def embed_text(self, context: Sequence[torch.Tensor]) -> torch.Tensor:
+        """3. contexts zero-padded to text_len rows -> Linear, GELU(tanh), Linear: [B, text_len, dim]."""
+        cfg = self.config
+        padded = torch.zeros(len(context), cfg.text_len, cfg.text_dim, dtype=self.dtype, device=self.device)
+        for i, c in enumerate(context):
+            if c.dim() != 2 or c.shape[1] != cfg.text_dim or c.shape[0] > cfg.text_len:
+                raise ValueError(
+                    f"context {i} has shape {list(c.shape)}, expected [L <= {cfg.text_len}, {cfg.text_dim}] "
+                    "(the trimmed text encoder output)"
+                )
+            padded[i, : c.shape[0]] = c
+        lin1, _, lin2 = self.text_embedding
+        return lin2(F.gelu(lin1(padded), approximate="tanh"))
+
+    def block_inputs(self, time: TimeEmbedding, context: torch.Tensor, grids) -> BlockInputs:
+        table, cache = self.rope_table(self.device), {}
+        rope = []
+        for g in grids:
+            if g not in cache:
+                cache[g] = table.for_grid(*g)
+            rope.append(cache[g])
+        return BlockInputs(time, context, [math.prod(g) for g in grids], rope, self.settings)
+
+    def run_block(self, i: int, block: Block, x: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
+        """4. one block; the single point an engine replaces to stream weights."""
+        return block(x, ctx)
+
+    def unpatchify(self, out: torch.Tensor, grids) -> list[torch.Tensor]:
+        """6. [B, S, prod(patch)·out_dim] -> per sample [out_dim, F·pt, H·ph, W·pw] float32."""
+        c, (pt, ph, pw) = self.config.out_dim, self.config.patch_size
+        videos = []
+        for u, (f, h, w) in zip(out, grids):
+            u = u[: f * h * w].view(f, h, w, pt, ph, pw, c)
+            u = torch.einsum("fhwpqrc->cfphqwr", u).reshape(c, f * pt, h * ph, w * pw)
+            videos.append(u.float())
+        return videos
+
+    def forward(self, x, t, context, seq_len, y=None) -> list[torch.Tensor]:
+        if self.config.model_type == "i2v" and y is None:
+            raise ValueError("the I2V model needs y (mask + encoded first frame) for every sample")
+        if len(context) != len(x):
+            raise ValueError(f"{len(x)} latents but {len(context)} contexts")
+        seq_len = int(seq_len)
+        with torch.no_grad():
+            tokens, grids = self.embed_video(x, y, seq_len)
+            time = self.embed_time(torch.as_tensor(t), len(x), seq_len)
+            ctx = self.block_inputs(time, self.embed_text(context), grids)
+            for i, block in enumerate(self.blocks):
+                tokens = self.run_block(i, block, tokens, ctx)
+            out = self.head(tokens, time, self.settings)  # 5. head, float32
+            return self.unpatchify(out, grids)

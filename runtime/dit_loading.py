@@ -1,0 +1,316 @@
+"""Load a Wan 2.2 DiT from any checkpoint format, or refuse it by name.
+
+`load_dit(source)` reads our GGUF, city96's GGUF, an official sharded folder, a ComfyUI
+single file (bf16, fp16 or scaled fp8) or a diffusers folder through
+`quant.checkpoint.open_checkpoint`, which translates names to the official ones. The
+configuration is detected from the weights; the weights keep their stored format
+(packed GGUF blocks stay packed, f16/bf16 stay 16-bit) and are placed one tensor at a
+time, so loading never holds a second copy of the model.
+
+The refusals users meet most: text-to-video weights asked to do image-to-video, experts
+of two different models paired together, a Wan 2.1 checkpoint, a GGUF cut short by
+city96's converter before fix_5d_tensors.py, or a file of another model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from quant.checkpoint import Checkpoint, open_checkpoint
+from quant.packed import PackedTensor
+from quant import wan_names
+
+from .attention import resolve_kernel
+from .dit import ComputeSettings, WanDiT
+from .dit_config import DiTConfig, detect_config, expected_shapes
+from .qlinear import FP8_TYPES, QLinear
+
+# What each `expect` value is for, and the checkpoint it needs.
+EXPECT = {
+    "i2v": ("image-to-video", "the I2V-A14B experts, in_dim 36"),
+    "t2v": ("text-to-video", "the T2V-A14B experts, in_dim 16"),
+    "ti2v": ("text-image-to-video", "the TI2V-5B model, in_dim 48"),
+}
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+
+# GGUF metadata keys that may carry the head count (ours first, then llama.cpp style).
+HEAD_KEYS = ("wan.num_heads", "wan.attention.head_count")
+
+# Linears that run in float32 whatever the compute dtype (inside the official float32
+# autocast islands): their weights are never narrowed at load.
+FLOAT32_LINEARS = ("time_embedding.", "time_projection.", "head.")
+
+# ComfyUI scaled fp8: `scaled_fp8` marks the file; per linear `<layer>.scale_weight` (old)
+# or `<layer>.weight_scale` (+ `<layer>.comfy_quant` json) scales the fp8 `<layer>.weight`;
+# `scale_input`/`input_scale` only serve ComfyUI's fp8 matmul and are not needed when
+# the weight is dequantized.
+_WEIGHT_SCALE = (".scale_weight", ".weight_scale")
+_INPUT_SCALE = (".scale_input", ".input_scale")
+_QUANT_MARKERS = ("scaled_fp8",)
+
+
+class DiTLoadError(ValueError):
+    """A checkpoint that cannot be used as asked: what is wrong, what was expected, the fix."""
+
+
+def load_dit(
+    source,
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    expect: str | None = None,
+    num_heads: int | None = None,
+) -> WanDiT:
+    """A ready WanDiT from a file, folder or list of shard files. `dtype` is the compute
+    dtype (float32, or bfloat16 = the official bf16 autocast numerics); `expect` in
+    {None, "i2v", "t2v", "ti2v"} refuses a checkpoint of another kind."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    if expect is not None and expect not in EXPECT:
+        raise ValueError(f"expect={expect!r}: expected one of None, {', '.join(map(repr, EXPECT))}")
+    device = torch.device(device)
+    with open_checkpoint(source) as ckpt:
+        plan = inspect_checkpoint(ckpt, num_heads=num_heads)
+        if expect is not None:
+            check_expected(plan.config, expect, ckpt.path)
+        model = WanDiT(plan.config, ComputeSettings(dtype=dtype, attention=resolve_kernel(None)), device="meta")
+        for name in expected_shapes(plan.config):
+            _place(model, name, ckpt.load(name), plan.scales.get(name), ckpt, dtype=dtype, device=device)
+        model.fingerprint = _fingerprint(model)
+    model.source = str(ckpt.path)
+    model.expert = ckpt.expert
+    model.load_notes = list(ckpt.notes)
+    return model
+
+
+# ---- what is in the checkpoint ---------------------------------------------------------
+
+
+class LoadPlan:
+    def __init__(self, config: DiTConfig, scales: dict):
+        self.config = config
+        self.scales = scales  # weight name -> its fp8 scale tensor name
+
+
+def _list(names: Iterable[str], limit: int = 6) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def inspect_checkpoint(ckpt: Checkpoint, *, num_heads: int | None = None) -> LoadPlan:
+    """Detect the configuration and check every tensor; raise DiTLoadError naming the
+    problem otherwise."""
+    where = ckpt.path
+    names = ckpt.names()
+    arch = ckpt.metadata.get("general.architecture") if ckpt.format == "gguf" else None
+    no_arch = ckpt.format == "gguf" and arch is None
+    if arch is not None and arch != "wan":
+        raise DiTLoadError(
+            f"{where}: this GGUF holds a {arch!r} model (general.architecture), not a Wan DiT; "
+            "pass a Wan 2.2 expert (general.architecture 'wan')"
+        )
+    if ckpt.kind != wan_names.WAN_DIT:
+        what = wan_names.KIND_DESCRIPTIONS.get(ckpt.kind, "not a model wanrt knows")
+        hint = {
+            wan_names.T5: " (load it with runtime.load_text_encoder)",
+            wan_names.VAE: " (load it with runtime.load_vae)",
+        }.get(ckpt.kind, f": its tensors are {_list(names, 4)}")
+        arch_note = " It has no general.architecture either." if no_arch else ""
+        raise DiTLoadError(f"{where}: this is {what}, not a Wan 2.2 DiT{hint}.{arch_note}")
+    if any(n.startswith("img_emb.") or ".k_img." in n for n in names):
+        raise DiTLoadError(
+            f"{where}: this is a Wan 2.1 I2V checkpoint (it has the CLIP image branch img_emb / k_img); "
+            "Wan 2.2 has no image encoder branch and uses two experts (high noise, low noise): "
+            "pass a Wan 2.2 I2V-A14B expert"
+        )
+    if "patch_embedding.weight" not in names and "patch_embedding.bias" in names:
+        raise DiTLoadError(
+            f"{where}: patch_embedding.weight is missing. This is city96's convert.py output before "
+            "fix_5d_tensors.py (convert.py cannot store the 5-D patch embedding and saves it to "
+            "fix_5d_tensors_wan.safetensors instead). Fix it with ComfyUI-GGUF's "
+            "`python tools/fix_5d_tensors.py --src <this file> --dst <fixed file>` next to that "
+            "safetensors file, or convert the original checkpoint with `python -m quant.convert`."
+        )
+
+    scales, consumed = _fp8_scales(ckpt)
+    shapes = {n: tuple(ckpt.info(n).shape) for n in names if n not in consumed}
+    heads, heads_source = _num_heads(ckpt, num_heads)
+    text_len, eps = 512, 1e-6
+    if ckpt.config:
+        text_len = int(ckpt.config.get("text_len", text_len))
+        eps = float(ckpt.config.get("eps", eps))
+    try:
+        config = detect_config(shapes, num_heads=heads, heads_source=heads_source, text_len=text_len, eps=eps)
+    except KeyError as e:
+        raise DiTLoadError(f"{where}: tensor {e.args[0]} is missing; {_missing_extra(shapes, None)}") from None
+    except ValueError as e:
+        raise DiTLoadError(f"{where}: {e}") from None
+
+    want = expected_shapes(config)
+    problems = _missing_extra(shapes, want)
+    if problems:
+        raise DiTLoadError(f"{where}: not a complete {config.model_type.upper()} Wan 2.2 DiT: {problems}")
+    for name, shape in want.items():
+        if shapes[name] != shape:
+            raise DiTLoadError(
+                f"{where}: {name} has shape {list(shapes[name])}, expected {list(shape)} for {config.describe()}"
+            )
+    return LoadPlan(config, scales)
+
+
+def _missing_extra(shapes: dict, want: dict | None) -> str:
+    if want is None:  # no configuration yet: list the anchors that are absent
+        anchors = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "time_embedding.0.weight",
+                   "text_embedding.0.weight", "head.head.weight")
+        return f"missing {_list([a for a in anchors if a not in shapes])}"
+    missing = [n for n in want if n not in shapes]
+    extra = [n for n in shapes if n not in want]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing: {_list(missing)}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensor(s): {_list(extra)}")
+    return "; ".join(parts)
+
+
+def _fp8_scales(ckpt: Checkpoint) -> tuple[dict[str, str], set[str]]:
+    """weight name -> scale tensor name for ComfyUI scaled fp8, and the names consumed."""
+    names = set(ckpt.names())
+    scales, consumed = {}, set()
+    for n in names:
+        if n in _QUANT_MARKERS:
+            consumed.add(n)
+        elif n.endswith(".comfy_quant"):
+            conf = _comfy_quant(ckpt, n)
+            if conf.get("format") not in ("float8_e4m3fn", "float8_e5m2"):
+                raise DiTLoadError(
+                    f"{ckpt.path}: {n} declares the quantization format {conf.get('format')!r}; "
+                    "wanrt reads ComfyUI's fp8 (float8_e4m3fn / float8_e5m2) weights only"
+                )
+            consumed.add(n)
+        elif n.endswith(_INPUT_SCALE):
+            consumed.add(n)
+        elif n.endswith(_WEIGHT_SCALE):
+            layer = n.rsplit(".", 1)[0]
+            weight = layer + ".weight"
+            if weight not in names:
+                raise DiTLoadError(f"{ckpt.path}: {n} scales {weight}, which is not in the file")
+            scales[weight] = n
+            consumed.add(n)
+    for weight in scales:
+        if ckpt.info(weight).dtype not in FP8_TYPES:
+            raise DiTLoadError(f"{ckpt.path}: {weight} has a scale but is stored as {ckpt.info(weight).dtype}, not fp8")
+    return scales, consumed
+
+
+def _comfy_quant(ckpt: Checkpoint, name: str) -> dict:
+    raw = ckpt.load(name)
+    try:
+        return json.loads(bytes(raw.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise DiTLoadError(f"{ckpt.path}: {name} is not the JSON layer description ComfyUI writes") from None
+
+
+def _num_heads(ckpt: Checkpoint, given: int | None) -> tuple[int | None, str]:
+    if given is not None:
+        return int(given), "argument"
+    for key in HEAD_KEYS:
+        if key in ckpt.metadata:
+            return int(ckpt.metadata[key]), "gguf metadata" if ckpt.format == "gguf" else "file metadata"
+    config = ckpt.config or {}
+    for key in ("num_heads", "num_attention_heads"):
+        if key in config:
+            return int(config[key]), "config.json"
+    return None, "dim/128"
+
+
+def check_expected(config: DiTConfig, expect: str, where) -> None:
+    """Refuse a checkpoint that is not the kind of model the caller is about to run."""
+    if config.model_type == expect:
+        return
+    kind = {"i2v": "an I2V", "t2v": "a T2V", "ti2v": "a TI2V-5B"}[config.model_type]
+    task, needs = EXPECT[expect]
+    raise DiTLoadError(f"{where}: this is {kind} checkpoint, in_dim {config.in_dim}; {task} needs {needs}")
+
+
+# ---- placing tensors -------------------------------------------------------------------
+
+
+def _place(model: WanDiT, name: str, value, scale_name, ckpt: Checkpoint, *, dtype, device) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, QLinear) and attr == "weight":
+        scale = ckpt.load(scale_name) if scale_name else None
+        module.set_weight(_linear_weight(name, value, dtype, device), None if scale is None else scale.to(device))
+        return
+    if isinstance(value, PackedTensor):  # a small tensor some tool quantized: decode once
+        value = value.dequantize(torch.float32)
+    elif value.dtype in FP8_TYPES or not value.dtype.is_floating_point:
+        value = value.to(torch.float32)
+    setattr(module, attr, value.to(device))
+
+
+def _linear_weight(name: str, value, dtype, device):
+    """Packed and fp8 weights stay as stored; 16-bit weights stay 16-bit; a float32 weight
+    of a linear that computes in a 16-bit dtype is narrowed now, exactly as autocast would
+    narrow it at every use."""
+    if isinstance(value, PackedTensor):
+        return value.to(device)
+    target = torch.float32 if name.startswith(FLOAT32_LINEARS) else dtype
+    if value.dtype in FP8_TYPES or value.dtype == target:
+        return value.to(device)
+    if target != torch.float32:
+        return value.to(device=device, dtype=target)
+    if value.dtype in (torch.float16, torch.bfloat16):
+        return value.to(device)
+    return value.to(device=device, dtype=target)
+
+
+def _fingerprint(model: WanDiT) -> str:
+    """Identifies the weights (not their storage format): a hash of the modulation tables,
+    which no tool quantizes."""
+    h = hashlib.sha1()
+    for t in (model.head.modulation, model.blocks[0].modulation if len(model.blocks) else model.head.modulation):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- two experts -----------------------------------------------------------------------
+
+
+def check_expert_pair(high, low) -> None:
+    """Refuse a high-noise and a low-noise expert that belong to different models; warn
+    when both are the same expert. Takes models (or their DiTConfig)."""
+    ch = getattr(high, "config", high)
+    cl = getattr(low, "config", low)
+    fields = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "num_heads",
+              "num_layers", "patch_size", "text_len")
+    diff = [f"{f} {getattr(ch, f)} vs {getattr(cl, f)}" for f in fields if getattr(ch, f) != getattr(cl, f)]
+    if diff:
+        raise DiTLoadError(
+            f"the two experts are from different models ({ch.model_type.upper()} high-noise expert, "
+            f"{cl.model_type.upper()} low-noise expert): {', '.join(diff)}; pass the high- and low-noise "
+            "experts of one Wan 2.2 model"
+        )
+    same = []
+    src_h, src_l = getattr(high, "source", None), getattr(low, "source", None)
+    if src_h and src_l and Path(src_h).resolve() == Path(src_l).resolve():
+        same.append("the same file")
+    fp_h, fp_l = getattr(high, "fingerprint", None), getattr(low, "fingerprint", None)
+    if fp_h and fp_h == fp_l and not same:
+        same.append("identical weights")
+    exp_h, exp_l = getattr(high, "expert", None), getattr(low, "expert", None)
+    if exp_h and exp_h == exp_l:
+        same.append(f"both marked {exp_h!r}")
+    if same:
+        warnings.warn(
+            f"the high-noise and low-noise experts look like the same expert ({', '.join(same)}): "
+            f"{src_h} and {src_l}; the video will be worse than with the two experts",
+            stacklevel=2,
+        )
