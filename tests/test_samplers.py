@@ -150,6 +150,16 @@ def test_last_step_lands_on_the_data_prediction():
             assert torch.isfinite(x).all(), name
         # x0 of the last step, from its input as the model saw it (before UniPC's corrector)
         assert torch.allclose(x, x_in - s.sigmas[-2] * v, rtol=0, atol=1e-6), name
+        assert torch.equal(s.denoised(v, s.steps - 1, x_in), x_in - s.sigmas[-2] * v)
+
+
+def test_schedules_with_repeated_first_timesteps_run():
+    s = make_sampler("unipc", 60, 20.0)
+    assert s.timesteps[0] == s.timesteps[1]  # int64 truncation merges them
+    x = torch.ones(3)
+    for k in range(s.steps):
+        x = s.step(-x, k, x)
+    assert torch.isfinite(x).all() and len(s.orders) == 60
 
 
 def test_restart_gives_identical_runs():

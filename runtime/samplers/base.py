@@ -7,7 +7,10 @@ A sampler is used as
         v = model(x, t)                      # flow prediction noise - x0
         x = sampler.step(v, k, x)
 
-Step k must follow step k - 1; step 0 starts a new run (so does `reset()`).
+Step k must follow step k - 1; step 0 starts a new run (so does `reset()`). Steps are
+indexed explicitly: the official schedulers find their first index by timestep value and,
+when the first two int64 timesteps coincide (UniPC at shift 20 with 54+ steps: 999, 999),
+start one step late and fail at the end; here such schedules simply run.
 All arithmetic is float32, the coefficients are 0-dim float32 tensors as in the official
 solvers, so results agree with them to the last bits.
 """
@@ -72,6 +75,10 @@ class FlowSampler:
         out = self._step(model_output.float(), step_index, sample.float())
         self._next_index = step_index + 1
         return out
+
+    def denoised(self, model_output: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
+        """The data estimate x0 = x - sigma * v at a step (e.g. for a preview)."""
+        return sample.float() - self.sigmas[int(step_index)] * model_output.float()
 
     def _step(self, v: torch.Tensor, k: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
