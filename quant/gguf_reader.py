@@ -463,9 +463,10 @@ class GGUFFile:
                 raise cur.error(self._truncation(info), self.file_size)
 
     def _truncation(self, info: GGUFTensorInfo) -> str:
+        missing = info.end - max(info.offset, self.file_size)
         return (
             f"the file is truncated: tensor {info.name!r} needs bytes [{info.offset}, {info.end}) but the "
-            f"file ends at byte {self.file_size} ({info.end - self.file_size:,} bytes of it missing; "
+            f"file ends at byte {self.file_size} ({missing:,} of its {info.nbytes:,} bytes missing; "
             f"the data section needs {self.data_end - self.file_size:,} bytes more)"
         )
 
