@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,7 +41,7 @@ from quant.t5_names import is_decoder_part, official_name, official_names
 from .dequant import decode
 from .prompt_cache import PromptCache, file_identity
 from .qlinear import QLinear
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -471,12 +472,25 @@ class TextEncoder:
                 f"tokenizer={self.tokenizer!r}, cache={self.cache!r})")
 
 
-def _find_tokenizer(weights: Path) -> Path | None:
-    """Where Wan and Hugging Face keep the tokenizer relative to the weights."""
+def _default_tokenizer(weights: Path, files: list[Path]) -> Tokenizer | None:
+    """The tokenizer where Wan and Hugging Face keep it relative to the weights, else
+    the one a GGUF carries in its metadata, else None."""
     base = weights if weights.is_dir() else weights.parent
     for folder in (base / TOKENIZER_SUBDIR, base):
         if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
-            return folder
+            return load_tokenizer(folder)
+    if len(files) == 1 and _sniff(files[0]) == "gguf":
+        try:
+            tok = load_gguf_tokenizer(files[0])
+        except ValueError:
+            return None
+        warnings.warn(
+            f"no google/umt5-xxl tokenizer folder beside {weights}: using the tokenizer stored in the GGUF. "
+            "It gives Wan's ids for ordinary text, but may differ on characters outside the vocabulary "
+            "and has no <extra_id_n> tokens; pass tokenizer=<google/umt5-xxl folder> for Wan's own.",
+            stacklevel=3,
+        )
+        return tok
     return None
 
 
@@ -521,9 +535,10 @@ def load_text_encoder(
 
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
+    elif tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
     else:
-        folder = Path(tokenizer).expanduser() if tokenizer is not None else _find_tokenizer(path)
-        tok = load_tokenizer(folder) if folder is not None else None
+        tok = _default_tokenizer(path, files)
     if cache is True:
         cache = PromptCache()
     elif cache is False or cache is None:

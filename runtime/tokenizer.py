@@ -12,6 +12,10 @@ Backends, in order of preference:
    folder holds. SentencePiece differs from (1) on literal special-token text such as
    "</s>" (split into characters rather than matched) and, when the tokenizer.json
    has byte_fallback false, on characters outside the vocabulary.
+3. The `tokenizer.ggml.*` metadata of a t5encoder GGUF (llama.cpp's copy of
+   spiece.model), rebuilt as a `tokenizers` Unigram model. Same ids as SentencePiece
+   for ordinary text; literal `</s>`/`<pad>`/`<unk>` matched as (1) does; the
+   `<extra_id_n>` tokens are not in such files.
 """
 from __future__ import annotations
 
@@ -97,6 +101,50 @@ class _SentencePieceBackend:
         return self.processor.encode(text, out_type=int)
 
 
+# llama.cpp token types (gguf-py `TokenType`)
+_CONTROL, _UNUSED, _BYTE = 3, 5, 6
+
+
+def _backend_from_gguf(path: Path) -> _TokenizersBackend:
+    """A Unigram tokenizer rebuilt from the SentencePiece model that llama.cpp's
+    converter copies into `tokenizer.ggml.*` (pieces, scores, types, normalizer map)."""
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import Unigram
+
+    from quant.gguf_reader import GGUFFile
+
+    with GGUFFile(path, require_data=False) as f:
+        md = f.metadata
+    if md.get("tokenizer.ggml.model") != "t5" or "tokenizer.ggml.tokens" not in md:
+        raise ValueError(
+            f"{path}: holds no t5 tokenizer (tokenizer.ggml.model = {md.get('tokenizer.ggml.model')!r}); "
+            "pass the google/umt5-xxl tokenizer folder instead"
+        )
+    tokens, types = md["tokenizer.ggml.tokens"], md.get("tokenizer.ggml.token_type") or []
+    scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    if not (len(tokens) == len(scores) and (not types or len(types) == len(tokens))):
+        raise ValueError(f"{path}: tokenizer.ggml tokens, scores and token_type differ in length")
+    never = min(scores) - 100.0  # vocabulary padding ([PADn]) must never be chosen
+    vocab = [(t, never if ty == _UNUSED else float(s)) for t, s, ty in zip(tokens, scores, types or [1] * len(tokens))]
+    unk = int(md.get("tokenizer.ggml.unknown_token_id", 2))
+    # SentencePiece adds <0xNN> pieces only when it was trained to fall back to bytes.
+    tokenizer = HFTokenizer(Unigram(vocab, unk_id=unk, byte_fallback=_BYTE in types))
+    steps = []
+    charsmap = md.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap:
+        steps.append(normalizers.Precompiled(bytes(charsmap)))
+    if md.get("tokenizer.ggml.remove_extra_whitespaces", True):
+        steps += [normalizers.Strip(left=False, right=True), normalizers.Replace(Regex(" {2,}"), "\u2581")]
+    if steps:
+        tokenizer.normalizer = normalizers.Sequence(steps)
+    prepend = "always" if md.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend, split=True)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, ty in zip(tokens, types) if ty == _CONTROL])
+    return _TokenizersBackend(tokenizer, f"{path} (tokenizer.ggml metadata)")
+
+
 class Tokenizer:
     """Wan's umt5 tokenizer: `tok(prompts) -> (ids [B, text_len] int64, mask [B, text_len] int64)`."""
 
@@ -158,7 +206,8 @@ class Tokenizer:
 
 def load_tokenizer(folder: str | Path, *, text_len: int = TEXT_LEN) -> Tokenizer:
     """The umt5 tokenizer from a `google/umt5-xxl` folder (tokenizer.json, else
-    spiece.model), or from one of those files given directly."""
+    spiece.model), from one of those files given directly, or from the tokenizer
+    metadata of a t5encoder GGUF."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -179,4 +228,11 @@ def load_tokenizer(folder: str | Path, *, text_len: int = TEXT_LEN) -> Tokenizer
         return Tokenizer(_TokenizersBackend.from_file(path), text_len)
     if path.suffix == ".model":
         return Tokenizer(_SentencePieceBackend(path), text_len)
-    raise ValueError(f"{path}: not a tokenizer file; expected a folder, tokenizer.json or spiece.model")
+    if path.suffix == ".gguf":
+        return load_gguf_tokenizer(path, text_len=text_len)
+    raise ValueError(f"{path}: not a tokenizer file; expected a folder, tokenizer.json, spiece.model or a .gguf")
+
+
+def load_gguf_tokenizer(path: str | Path, *, text_len: int = TEXT_LEN) -> Tokenizer:
+    """The tokenizer a t5encoder GGUF carries in its `tokenizer.ggml.*` metadata."""
+    return Tokenizer(_backend_from_gguf(Path(path)), text_len)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from quant.ggml_types import GGMLType
 from quant.t5_names import official_name
 from runtime.t5 import UMT5Encoder, fp16_clamp, load_text_encoder, position_buckets
-from runtime.tokenizer import load_tokenizer
+from runtime.tokenizer import Tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.golden
 
@@ -117,7 +117,7 @@ def test_gguf_q8_0_stays_packed(t5, golden):
     meta = json.loads((t5 / "gguf_tensors.json").read_text())
     ref = load_file(str(t5 / "gguf_io.safetensors"))["out_q8_0_weights"]
     io = load_file(str(t5 / "io.safetensors"))
-    enc = load_text_encoder(t5 / meta["file"], dtype=torch.float32, cache=False)
+    enc = load_text_encoder(t5 / meta["file"], t5 / "tokenizer", dtype=torch.float32, cache=False)
     types = {t["official"]: t["type"] for t in meta["tensors"]}
     for name, ggml_type in types.items():
         module = enc.model.get_submodule(name.rpartition(".")[0])
@@ -125,6 +125,15 @@ def test_gguf_q8_0_stays_packed(t5, golden):
             assert module.ggml_type == GGMLType[ggml_type], name  # kept in its block format
             assert module.weight.dtype == torch.uint8
     torch.testing.assert_close(enc.forward(io["ids"], io["mask"]), ref, atol=ATOL_FP32, rtol=0)
+
+
+def test_gguf_without_tokenizer_folder_uses_its_metadata(t5, io):
+    meta = json.loads((t5 / "gguf_tensors.json").read_text())
+    with pytest.warns(UserWarning, match="tokenizer stored in the GGUF"):
+        enc = load_text_encoder(t5 / meta["file"], dtype=torch.float32, cache=False)
+    prompts = json.loads((t5 / "config.json").read_text())["prompts"]
+    ids, mask = Tokenizer(enc.tokenizer.backend, text_len=io["ids"].shape[1])(prompts)
+    assert torch.equal(ids, io["ids"]) and torch.equal(mask, io["mask"])
 
 
 def test_official_pth_both_torch_formats(t5, io, tmp_path):
@@ -218,3 +227,26 @@ def test_clear_errors_for_wrong_files(t5, tmp_path):
     save_file({"patch_embedding.weight": torch.zeros(2, 2)}, str(tmp_path / "dit.safetensors"))
     with pytest.raises(ValueError, match="not a umt5 text encoder"):
         load_text_encoder(tmp_path / "dit.safetensors")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_and_packed(t5, io):
+    """On the GPU: Wan's dtype, quantized weights decoded there, the token table in host memory."""
+    report = json.loads((t5 / "report.json").read_text())["tolerances"]
+    valid = io["mask"].bool()
+    tok = load_tokenizer(t5 / "tokenizer", text_len=io["ids"].shape[1])
+    enc = load_text_encoder(t5 / "weights.safetensors", tok, device="cuda", cache=False)
+    assert enc.model.token_embedding.weight.device.type == "cpu"
+    assert enc.model.blocks[0].attn.q.weight.device.type == "cuda"
+    out = enc.forward(io["ids"], io["mask"])
+    assert out.device.type == "cuda" and out.dtype == torch.bfloat16
+    bound = report["bf16_model_vs_fp32__valid_positions"]["rel_l2"]
+    assert _rel_l2(out.cpu()[valid], io["out"][valid]) <= 1.5 * bound
+    fp32 = load_text_encoder(t5 / "weights.safetensors", device="cuda", dtype=torch.float32, cache=False)
+    torch.testing.assert_close(fp32.forward(io["ids"], io["mask"]).cpu(), io["out"], atol=ATOL_FP32, rtol=0)
+    meta = json.loads((t5 / "gguf_tensors.json").read_text())
+    ref = load_file(str(t5 / "gguf_io.safetensors"))["out_q8_0_weights"]
+    q8 = load_text_encoder(t5 / meta["file"], tok, device="cuda", dtype=torch.float32, cache=False)
+    torch.testing.assert_close(q8.forward(io["ids"], io["mask"]).cpu(), ref, atol=ATOL_FP32, rtol=0)
+    trimmed = enc.encode(json.loads((t5 / "config.json").read_text())["prompts"])
+    assert [t.shape[0] for t in trimmed] == io["seq_lens"].tolist() and trimmed[0].device.type == "cuda"

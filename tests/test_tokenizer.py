@@ -140,3 +140,24 @@ def test_clear_errors_for_wrong_paths(tmp_path):
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_tokenizer_from_gguf_metadata(cases, golden):
+    folder, meta, items = cases
+    gguf = golden / "t5" / json.loads((golden / "t5" / "gguf_tensors.json").read_text())["file"]
+    tok = load_tokenizer(gguf, text_len=meta["text_len"])
+    assert tok.eos_id == meta["eos_id"] and tok.pad_id == meta["pad_id"]
+    rows = _ids_quietly(tok, [c["text"] for c in items])
+    checked = 0
+    for row, case in zip(rows, items):
+        if "<extra_id_" in case["cleaned"]:  # not in GGUF vocabularies
+            continue
+        # SentencePiece's pieces with byte fallback, special-token literals matched as
+        # Wan's tokenizer matches them: the byte-fallback variant of tokenizer.json.
+        want, _ = _expected(case["byte_fallback_variant_ids_untruncated"], meta["text_len"], meta["eos_id"], meta["pad_id"])
+        assert row == want[: len(row)] and len(row) == min(len(case["byte_fallback_variant_ids_untruncated"]), meta["text_len"]), case["name"]
+        checked += 1
+    assert checked >= len(items) - 1
+    literal = next(c for c in items if "</s>" in c["cleaned"])
+    (row,) = _ids_quietly(load_tokenizer(gguf), [literal["text"]])
+    assert row[:-1].count(meta["eos_id"]) == literal["cleaned"].count("</s>")  # matched, not spelled out
