@@ -92,7 +92,9 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False,
     else:
         kind, side = FORMATS[suffix], target.with_suffix(".json")
 
-    _check_writable_folder(target if kind == "png-folder" else target.parent, raw)
+    if kind == "png-folder" and target.exists() and not target.is_dir():
+        raise OutputPathError(f"{raw}: is a file, not a folder for PNG frames")
+    _check_writable_folder(target.parent, raw)  # temporary files go beside the output
     if not overwrite:
         existing = _existing_outputs(target, kind)
         if sidecar and side.exists():

@@ -143,6 +143,8 @@ def test_check_output_path(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputPathError, match="is a file"):
         check_output_path(tmp_path / "afile" / "v.mp4")
+    with pytest.raises(OutputPathError, match="not a folder"):
+        check_output_path(f"{tmp_path}/afile/")
     (tmp_path / "dir.mp4").mkdir()
     with pytest.raises(OutputPathError, match="is a folder"):
         check_output_path(tmp_path / "dir.mp4")
