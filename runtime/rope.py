@@ -32,8 +32,11 @@ class RopeTable:
         self.head_dim = head_dim
         self.pairs = rope_pairs(head_dim)
         angles = torch.cat([axis_angles(n) for n in self.pairs], dim=1)
-        self.cos = angles.cos().to(device)
-        self.sin = angles.sin().to(device)
+        # torch.polar on the CPU, as the official table is made (its cos/sin can differ
+        # from torch.cos/torch.sin in the last bit).
+        unit = torch.polar(torch.ones_like(angles), angles)
+        self.cos = unit.real.contiguous().to(device)
+        self.sin = unit.imag.contiguous().to(device)
 
     def complex(self) -> torch.Tensor:
         """The table as the official model keeps it: complex128 [MAX_POSITIONS, c]."""
