@@ -1,0 +1,438 @@
+"""python -m quant.convert: a Wan DiT checkpoint in any format -> GGUF, and back.
+
+    python -m quant.convert SRC OUT.gguf --type q8_0
+    python -m quant.convert shard1.safetensors shard2.safetensors OUT.gguf --type q4_0
+    python -m quant.convert --dequantize IN.gguf OUT.safetensors --dtype bf16
+
+SRC is anything `open_checkpoint` reads (official expert folder, ComfyUI or diffusers
+file, GGUF, .pth). Tensor types follow `type_policy` (city96's layout). By default the
+block weights are quantized from the source's own precision; `--via f16` (or bf16)
+takes city96's route instead, quantizing from an F16 (BF16) base, which reproduces his
+files byte for byte.
+
+The file holds what city96 writes for Wan (`general.architecture`,
+`general.quantization_version`, `general.file_type`) and, unless
+`--no-extra-metadata`, two keys the runtime can use: `wan.expert` (high_noise /
+low_noise, from the source's path or `--expert`) and `wan.attention.head_count` (from
+config.json or `--num-heads`; inferred from the width only for official Wan widths,
+and said so). Without the extras the output is byte-identical to city96's route.
+
+Memory stays near one tensor: tensors are read one at a time (the next one is read
+while the current one is quantized) and streamed into the file, which is written to a
+temporary name beside OUT and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import codecs
+from .checkpoint import EXPERTS, Checkpoint, CheckpointError, open_checkpoint
+from .ggml_types import FLOAT_TYPES, LEGACY_QUANTS, GGMLType, parse_type
+from .gguf_writer import GGUFWriter
+from .packed import PackedTensor
+from .safetensors_io import TensorToWrite, write_safetensors
+from .type_policy import Override, TensorPlan, base_float_type, majority_dtype, parse_override, plan_tensor
+from .wan_names import KIND_DESCRIPTIONS, WAN_DIT
+
+ARCH = "wan"
+EXPERT_KEY = "wan.expert"
+HEAD_COUNT_KEY = "wan.attention.head_count"
+# Every official Wan DiT has heads of 128 (1.3B: 1536 = 12 x 128, TI2V-5B: 3072 = 24 x 128,
+# 14B / A14B: 5120 = 40 x 128); other widths are not guessed.
+_OFFICIAL_HEADS = {1536: 12, 3072: 24, 5120: 40}
+
+# A hook sees every tensor, by official name, in float32 before it is typed and
+# quantized, and returns the tensor to write (same shape). LoRA baking plugs in here.
+WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+DEQUANT_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    type: GGMLType
+    via: GGMLType | None = None  # F16/BF16: city96's route through a float base
+    keep: tuple[Override, ...] = ()
+    expert: str | None = None  # "high_noise", "low_noise", "none" (omit), None (from the source)
+    num_heads: int | None = None
+    extra_metadata: bool = True
+    force: bool = False
+    threads: int | None = None
+    progress: bool = True
+    weight_hooks: tuple[WeightHook, ...] = ()
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    plans: list[TensorPlan]
+    metadata: dict
+    source_bytes: int
+    output_bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- conversion -----------------------------------------------------------------------
+
+def convert(source, out: str | Path, options: ConvertOptions) -> ConvertResult:
+    """Convert a Wan DiT checkpoint (path, folder or list of shards) to a GGUF file."""
+    out = Path(out)
+    target = parse_type(options.type)
+    if target not in (*LEGACY_QUANTS, *FLOAT_TYPES):
+        raise ConvertError(f"cannot write {target.name} files; expected one of {_type_names()}")
+    if options.via not in (None, GGMLType.F16, GGMLType.BF16):
+        raise ConvertError(f"--via must be f16 or bf16, got {options.via.name.lower()}")
+    _check_output(out, options.force, _source_paths(source))
+
+    t0 = time.perf_counter()
+    with open_checkpoint(source) as ckpt:
+        _require_wan_dit(ckpt)
+        notes = list(ckpt.notes)
+        plans = _plan(ckpt, target, options)
+        metadata = _metadata(ckpt, target, options, notes)
+
+        writer = GGUFWriter(out, arch=ARCH, overwrite=options.force)
+        writer.add_quantization_info(target)
+        for key, (value, vtype) in metadata.items():
+            writer.add_metadata(key, value, vtype)
+        source_bytes = sum(ckpt.info(p.name).nbytes for p in plans)
+        with _TensorFeed(ckpt, plans, options, source_bytes, out.name) as feed:
+            for plan in plans:
+                writer.add_tensor(plan.name, plan.shape, plan.ggml_type, feed.producer(plan))
+            writer.write()
+    seconds = time.perf_counter() - t0
+    return ConvertResult(out, plans, metadata, source_bytes, out.stat().st_size, seconds, notes)
+
+
+def _plan(ckpt: Checkpoint, target: GGMLType, options: ConvertOptions) -> list[TensorPlan]:
+    dtypes = {n: _source_dtype(ckpt, n) for n in ckpt.names()}
+    bad = [f"{n} ({d})" for n, d in dtypes.items() if not d.is_floating_point]
+    if bad:
+        raise ConvertError(f"{ckpt.path}: non-float tensors cannot be converted: {', '.join(bad[:4])}")
+    source_is_bf16 = majority_dtype(dtypes.values()) == torch.bfloat16
+    base = base_float_type(target, source_is_bf16, options.via)
+    return [
+        plan_tensor(n, ckpt.info(n).shape, dtypes[n], target=target, base=base, via=options.via, overrides=options.keep)
+        for n in ckpt.names()
+    ]
+
+
+def _source_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
+    # A block-quantized tensor is requantized from its exact float32 decoding.
+    return ckpt.info(name).dtype or torch.float32
+
+
+def _metadata(ckpt: Checkpoint, target: GGMLType, options: ConvertOptions, notes: list[str]) -> dict:
+    """The extra metadata keys (name -> (value, GGUF value type))."""
+    if not options.extra_metadata:
+        return {}
+    meta = {}
+    expert = ckpt.expert if options.expert is None else options.expert
+    if expert in EXPERTS:
+        meta[EXPERT_KEY] = (expert, "STRING")
+    heads = _head_count(ckpt, options, notes)
+    if heads is not None:
+        meta[HEAD_COUNT_KEY] = (heads, "UINT32")
+    return meta
+
+
+def _head_count(ckpt: Checkpoint, options: ConvertOptions, notes: list[str]) -> int | None:
+    dim = ckpt.info("patch_embedding.weight").shape[0] if "patch_embedding.weight" in ckpt else None
+    config = ckpt.config or {}
+    for heads, where in (
+        (options.num_heads, "--num-heads"),
+        (config.get("num_heads") or config.get("num_attention_heads"), "config.json"),
+        (ckpt.metadata.get(HEAD_COUNT_KEY), f"the source's {HEAD_COUNT_KEY}"),
+    ):
+        if heads is None:
+            continue
+        heads = int(heads)
+        if heads <= 0 or (dim is not None and dim % heads):
+            raise ConvertError(f"{heads} heads (from {where}) do not divide the model width {dim}")
+        return heads
+    if dim in _OFFICIAL_HEADS:
+        heads = _OFFICIAL_HEADS[dim]
+        notes.append(
+            f"head count not given: assumed {heads} heads of 128, as in every official Wan model of width {dim} "
+            f"(pass --num-heads to set it)"
+        )
+        return heads
+    notes.append(f"head count unknown for width {dim} (no config.json): not recorded; pass --num-heads to record it")
+    return None
+
+
+class _TensorFeed:
+    """Makes each tensor's bytes on demand, reading the next tensor in a background
+    thread meanwhile, and drives the progress bar over source bytes."""
+
+    def __init__(self, ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions, total: int, label: str):
+        self.ckpt, self.plans, self.options = ckpt, plans, options
+        self.order = {p.name: i for i, p in enumerate(plans)}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        self.pending: dict[int, Future] = {}
+        self.bar = None
+        if options.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"converting -> {label}",
+                            dynamic_ncols=True)
+
+    def producer(self, plan: TensorPlan) -> Callable[[], torch.Tensor]:
+        return lambda: self._produce(plan)
+
+    def _load(self, i: int) -> Future:
+        fut = self.pending.pop(i, None)
+        if fut is None:
+            fut = self.pool.submit(self.ckpt.load, self.plans[i].name)
+        if i + 1 < len(self.plans) and i + 1 not in self.pending:
+            self.pending[i + 1] = self.pool.submit(self.ckpt.load, self.plans[i + 1].name)
+        return fut
+
+    def _produce(self, plan: TensorPlan) -> torch.Tensor:
+        x = self._load(self.order[plan.name]).result()
+        data = tensor_bytes(plan, x, hooks=self.options.weight_hooks, threads=self.options.threads)
+        if self.bar is not None:
+            self.bar.update(self.ckpt.info(plan.name).nbytes)
+        return data
+
+    def __enter__(self) -> "_TensorFeed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fut in self.pending.values():
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+        if self.bar is not None:
+            self.bar.close()
+
+
+def tensor_bytes(plan: TensorPlan, x, *, hooks: Sequence[WeightHook] = (), threads: int | None = None) -> torch.Tensor:
+    """The stored form of one tensor under its plan: uint8 blocks for a block type, a
+    float tensor for F32/F16/BF16 (identical to gguf-py's conversion of the same data)."""
+    x = _as_float(x, threads)
+    if hooks:
+        x = x.to(torch.float32)
+        for hook in hooks:
+            y = hook(plan.name, x)
+            if tuple(y.shape) != tuple(x.shape):
+                raise ConvertError(f"{plan.name}: a weight hook changed the shape {list(x.shape)} -> {list(y.shape)}")
+            x = y
+    if plan.round_via is not None:
+        x = cast_float(x, plan.round_via)
+    if plan.ggml_type in LEGACY_QUANTS:
+        return codecs.quantize(x.contiguous(), plan.ggml_type, threads=threads)
+    return cast_float(x, plan.ggml_type)
+
+
+def _as_float(x, threads: int | None) -> torch.Tensor:
+    """A float32/float16/bfloat16 CPU tensor of the stored values (exact widening)."""
+    if isinstance(x, PackedTensor):
+        return codecs.dequantize(x.data, x.ggml_type, x.shape, dtype=torch.float32, threads=threads)
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return x
+    if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return x.to(torch.float16)  # exact, as city96's convert.py widens fp8
+    return x.to(torch.float32)
+
+
+def cast_float(x: torch.Tensor, ggml_type: GGMLType) -> torch.Tensor:
+    """Round to F32/F16/BF16 as gguf-py does (round to nearest even; for BF16 a NaN
+    keeps its sign and top bits and is made quiet, where torch would canonicalize it)."""
+    if ggml_type == GGMLType.F32:
+        return x.to(torch.float32)
+    if ggml_type == GGMLType.F16:
+        return x.to(torch.float16)
+    if ggml_type != GGMLType.BF16:
+        raise ValueError(f"not a float type: {ggml_type.name}")
+    if x.dtype == torch.bfloat16:
+        bits = x.view(torch.int16)
+        nan = (bits & 0x7FFF) > 0x7F80
+        return x if not nan.any() else torch.where(nan, bits | 0x40, bits).view(torch.bfloat16)
+    x32 = x.to(torch.float32)
+    y = x32.to(torch.bfloat16)
+    nan = torch.isnan(x32)
+    if nan.any():
+        quiet = ((x32.view(torch.int32) >> 16) | 0x40).to(torch.int16)
+        y = torch.where(nan, quiet, y.view(torch.int16)).view(torch.bfloat16)
+    return y
+
+
+# ---- back to safetensors ------------------------------------------------------------
+
+def dequantize_to_safetensors(source, out: str | Path, *, dtype: torch.dtype = torch.bfloat16, force: bool = False,
+                              progress: bool = True, threads: int | None = None) -> Path:
+    """Write every tensor of a checkpoint (GGUF or any other format) as `dtype` to a
+    safetensors file under official names."""
+    out = Path(out)
+    _check_output(out, force, _source_paths(source))
+    with open_checkpoint(source) as ckpt:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ckpt), unit="tensor", desc=f"dequantizing -> {out.name}", dynamic_ncols=True)
+
+        def produce(name: str) -> Callable[[], torch.Tensor]:
+            return lambda: _as_float(ckpt.load(name), threads).to(dtype)
+
+        tensors = [TensorToWrite(n, dtype, ckpt.info(n).shape, produce(n)) for n in ckpt.names()]
+        meta = {"format": "pt", "source": Path(ckpt.path).name}
+        if ckpt.expert:
+            meta[EXPERT_KEY] = ckpt.expert
+        try:
+            write_safetensors(out, tensors, meta, overwrite=force, on_tensor=(lambda t: bar.update(1)) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    return out
+
+
+# ---- checks -----------------------------------------------------------------------
+
+def _source_paths(source) -> list[Path]:
+    if isinstance(source, (str, Path)):
+        return [Path(source)]
+    return [Path(s) for s in source]
+
+
+def _check_output(out: Path, force: bool, sources: list[Path]) -> None:
+    for src in sources:
+        if not src.exists():
+            raise CheckpointError(f"{src}: no such file or folder")
+        if out.exists() and out.resolve() == src.resolve():
+            raise ConvertError(f"{out}: the output would replace the input; choose another output name")
+    if out.is_dir():
+        raise ConvertError(f"{out} is a folder; give the output file name, e.g. {out / 'model-Q8_0.gguf'}")
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists; pass --force to replace it")
+    parent = out.parent
+    if not parent.exists():
+        raise ConvertError(f"cannot write {out}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise ConvertError(f"cannot write {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConvertError(f"cannot write {out}: no permission to create files in {parent}")
+
+
+def _require_wan_dit(ckpt: Checkpoint) -> None:
+    if ckpt.kind != WAN_DIT:
+        raise ConvertError(
+            f"{ckpt.path}: this is {KIND_DESCRIPTIONS[ckpt.kind]}, not a Wan DiT; quant.convert converts the "
+            f"diffusion transformer (one expert's folder or file)"
+        )
+
+
+def _type_names() -> str:
+    return ", ".join(t.name.lower() for t in (*LEGACY_QUANTS, *FLOAT_TYPES))
+
+
+# ---- command line -----------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quant.convert",
+        description="Convert a Wan 2.2 DiT checkpoint (official folder, ComfyUI/diffusers safetensors, GGUF, "
+        ".pth) to GGUF, or a checkpoint back to safetensors with --dequantize.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="SRC [SRC ...] OUT: the source (file, folder, or several shard files) and the output file")
+    p.add_argument("--type", default=None, help=f"tensor type of the block weights: {_type_names()}")
+    p.add_argument("--via", choices=["f16", "bf16"], default=None,
+                   help="city96's route: quantize from an F16/BF16 base instead of the source precision "
+                   "(reproduces his files byte for byte)")
+    p.add_argument("--keep", action="append", default=[], metavar="PATTERN=TYPE",
+                   help="override the type of tensors whose official name matches PATTERN (fnmatch), e.g. "
+                   "'blocks.0.*=q8_0'; several allowed, the last match wins")
+    p.add_argument("--expert", choices=[*EXPERTS, "none"], default=None,
+                   help="record which expert this is (default: from the source's path or metadata)")
+    p.add_argument("--num-heads", type=int, default=None, help="record the attention head count (default: config.json)")
+    p.add_argument("--no-extra-metadata", action="store_true",
+                   help="write only the keys city96 writes (architecture, quantization version, file type)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--threads", type=int, default=None, help="threads for quantization (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every tensor's type and why")
+    p.add_argument("--dequantize", action="store_true", help="SRC OUT.safetensors: write the tensors as floats")
+    p.add_argument("--dtype", choices=list(DEQUANT_DTYPES), default="bf16",
+                   help="with --dequantize: float type of the output (default bf16)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if len(args.paths) < 2:
+        _parser().error("give a source and an output: SRC [SRC ...] OUT")
+    *sources, out = args.paths
+    source = sources[0] if len(sources) == 1 else sources
+    try:
+        if args.dequantize:
+            path = dequantize_to_safetensors(source, out, dtype=DEQUANT_DTYPES[args.dtype], force=args.force,
+                                             progress=not args.quiet, threads=args.threads)
+            print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB, {args.dtype})")
+            return 0
+        if args.type is None:
+            raise ConvertError(f"--type is required: one of {_type_names()}")
+        options = ConvertOptions(
+            type=parse_type(args.type),
+            via=parse_type(args.via) if args.via else None,
+            keep=tuple(parse_override(k) for k in args.keep),
+            expert=args.expert,
+            num_heads=args.num_heads,
+            extra_metadata=not args.no_extra_metadata,
+            force=args.force,
+            threads=args.threads,
+            progress=not args.quiet,
+        )
+        result = convert(source, out, options)
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {out} was not written", file=sys.stderr)
+        return 130
+    except (CheckpointError, ConvertError, ValueError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    _report(result, args.verbose)
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _report(r: ConvertResult, verbose: bool) -> None:
+    for note in r.notes:
+        print(f"note: {note}")
+    if verbose:
+        width = max(len(p.name) for p in r.plans)
+        for p in r.plans:
+            via = f" (via {p.round_via.name})" if p.round_via else ""
+            print(f"  {p.name:<{width}}  {p.ggml_type.name:<5}{via}  {p.reason}")
+    counts: dict[str, int] = {}
+    for p in r.plans:
+        counts[p.ggml_type.name] = counts.get(p.ggml_type.name, 0) + 1
+    types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    extras = ", ".join(f"{k}={v[0]}" for k, v in r.metadata.items()) or "none"
+    rate = r.source_bytes / r.seconds / 1e9 if r.seconds > 0 else float("inf")
+    print(
+        f"wrote {r.path}: {len(r.plans)} tensors ({types}), {r.output_bytes / 1e9:.3f} GB from "
+        f"{r.source_bytes / 1e9:.3f} GB in {r.seconds:.1f} s ({rate:.2f} GB/s); extra metadata: {extras}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

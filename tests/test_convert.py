@@ -1,0 +1,298 @@
+"""python -m quant.convert: city96's files byte for byte, every source format, round trips,
+and the behaviour around files (no overwrite, atomic output, one-line errors)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quant import codecs, inspect
+from quant.convert import (
+    EXPERT_KEY,
+    HEAD_COUNT_KEY,
+    ConvertError,
+    ConvertOptions,
+    cast_float,
+    convert,
+    main,
+)
+from quant.ggml_types import LEGACY_QUANTS, GGMLType
+from quant.gguf_reader import GGUFFile
+
+REQUIRED_KEYS = ("general.architecture", "general.quantization_version", "general.file_type")
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def golden_routes(golden):
+    """golden file -> (source file, target type, base type), read from routes.json."""
+    routes = json.loads((golden / "gguf/wan_tiny/routes.json").read_text())
+    out = {}
+    for name, steps in routes.items():
+        src = re.search(r"--src (\S+)", steps[0]).group(1)
+        base = GGMLType[re.search(r"-> (\w+) base", steps[0]).group(1)]
+        target = base
+        for step in steps[1:]:
+            m = re.search(r"llama-quantize <\w+ base> (\w+)", step)
+            if m:
+                target = GGMLType[m.group(1)]
+        out[name] = (src, target, base)
+    return out
+
+
+def _run(args) -> int:
+    return main([*map(str, args), "--quiet"])
+
+
+@pytest.mark.golden
+def test_city96_route_is_reproduced_byte_for_byte(golden, tmp_path):
+    tiny = golden / "gguf/wan_tiny"
+    routes = golden_routes(golden)
+    assert routes
+    for file, (src, target, base) in routes.items():
+        out = tmp_path / file
+        rc = _run([tiny / src, out, "--type", target.name.lower(), "--via", base.name.lower(), "--no-extra-metadata"])
+        assert rc == 0, file
+        assert _sha(out) == _sha(tiny / file), file
+
+
+def _tensors_and_required_metadata(path):
+    with GGUFFile(path) as f:
+        meta = {k: f.metadata[k] for k in REQUIRED_KEYS}
+        tensors = {n: (t.ggml_type, t.shape, bytes(f.raw(n).numpy())) for n, t in f.tensors.items()}
+        return meta, tensors, f.metadata
+
+
+@pytest.mark.golden
+def test_extras_change_only_metadata(golden, tmp_path):
+    tiny = golden / "gguf/wan_tiny"
+    out = tmp_path / "x.gguf"
+    assert _run([tiny / "wan_tiny.safetensors", out, "--type", "q4_0", "--via", "f16", "--expert", "low_noise",
+                 "--num-heads", "4"]) == 0
+    meta, tensors, all_meta = _tensors_and_required_metadata(out)
+    gmeta, gtensors, _ = _tensors_and_required_metadata(tiny / "wan_tiny-Q4_0.gguf")
+    assert meta == gmeta and tensors == gtensors
+    assert list(tensors) == list(gtensors)
+    assert all_meta[EXPERT_KEY] == "low_noise" and all_meta[HEAD_COUNT_KEY] == 4
+
+
+@pytest.mark.golden
+def test_default_route_quantizes_the_source_precision(golden, tmp_path):
+    """Without --via, block weights of a float32 source are gguf-py's bytes for the
+    float32 data; everything else is as in city96's file."""
+    tiny = golden / "gguf/wan_tiny"
+    source = load_file(str(tiny / "wan_tiny.safetensors"))
+    out = tmp_path / "q5_0.gguf"
+    assert _run([tiny / "wan_tiny.safetensors", out, "--type", "q5_0", "--no-extra-metadata"]) == 0
+    with GGUFFile(out) as f, GGUFFile(tiny / "wan_tiny-Q5_0.gguf") as g:
+        assert list(f.tensors) == list(g.tensors)
+        n_quant = 0
+        for n, t in f.tensors.items():
+            assert t.ggml_type == g.tensors[n].ggml_type, n
+            got = f.raw(n).numpy()
+            if t.ggml_type in LEGACY_QUANTS:
+                n_quant += 1
+                want = gguf.quants.quantize(source[n].numpy(), gguf.GGMLQuantizationType(int(t.ggml_type)))
+                assert np.array_equal(got, want.reshape(-1)), n
+            else:
+                assert np.array_equal(got, g.raw(n).numpy()), n
+        assert n_quant > 0
+
+
+@pytest.mark.golden
+def test_every_source_format_converts_to_the_same_file(golden, tmp_path):
+    tiny = golden / "gguf/wan_tiny"
+    reference = load_file(str(tiny / "wan_tiny.safetensors"))
+    pth = tmp_path / "src" / "wan.pth"
+    pth.parent.mkdir()
+    torch.save({"model.diffusion_model." + k: v for k, v in reference.items()}, pth)
+    sources = [
+        tiny / "wan_tiny.safetensors",
+        golden / "gguf/diffusers/diffusers_weights.safetensors",
+        golden / "gguf/diffusers",
+        pth,
+    ]
+    outputs = []
+    for i, src in enumerate(sources):
+        out = tmp_path / f"out{i}.gguf"
+        assert _run([src, out, "--type", "q8_0", "--no-extra-metadata"]) == 0, src
+        outputs.append(_sha(out))
+    assert len(set(outputs)) == 1, sources
+
+
+@pytest.mark.golden
+def test_sharded_expert_round_trip(golden, tmp_path, capsys):
+    """Official sharded folder -> GGUF with extras -> quant.inspect -> safetensors."""
+    folder = golden / "pipeline/checkpoint/low_noise_model"
+    config = json.loads((folder / "config.json").read_text())
+    source = {}
+    for shard in sorted(folder.glob("*-of-*.safetensors")):
+        source.update(load_file(str(shard)))
+    gguf_path = tmp_path / "low-Q8_0.gguf"
+    assert _run([folder, gguf_path, "--type", "q8_0"]) == 0
+
+    capsys.readouterr()
+    assert inspect.main([str(gguf_path), "--verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    meta = {m["key"]: m["value"] for m in report["metadata"]}
+    assert meta["general.architecture"] == "wan" and meta[EXPERT_KEY] == "low_noise"
+    assert report["totals"]["tensors"] == len(source) and report["verify"]["problems"] == []
+    types = {t["name"]: t["type"] for t in report["tensors"]}
+    assert types["blocks.0.self_attn.q.weight"] == "Q8_0" and types["blocks.0.modulation"] == "F32"
+
+    with GGUFFile(gguf_path) as f:
+        assert f.metadata[EXPERT_KEY] == "low_noise"
+        assert f.metadata[HEAD_COUNT_KEY] == config["num_heads"]
+        assert f.metadata["general.file_type"] == 7
+        assert sorted(f.tensors) == sorted(source)
+        exact = {}
+        for n, t in f.tensors.items():
+            x = f.load(n)
+            exact[n] = codecs.dequantize(x.data, x.ggml_type, x.shape) if t.ggml_type in LEGACY_QUANTS else x.float()
+
+    back = tmp_path / "back.safetensors"
+    assert _run(["--dequantize", gguf_path, back, "--dtype", "f32"]) == 0
+    restored = load_file(str(back))
+    assert sorted(restored) == sorted(source)
+    for n, x in restored.items():
+        assert x.dtype == torch.float32 and x.shape == source[n].shape
+        assert torch.equal(x, exact[n]), n
+        amax = source[n].abs().max().item()
+        assert torch.allclose(x, source[n], atol=amax / 100 + 1e-6), n  # q8_0 error <= amax/254 per block
+
+
+@pytest.mark.golden
+def test_requantize_from_gguf_and_keep_overrides(golden, tmp_path):
+    tiny = golden / "gguf/wan_tiny"
+    out = tmp_path / "q4.gguf"
+    assert _run([tiny / "wan_tiny-Q8_0.gguf", out, "--type", "q4_0", "--keep", "blocks.0.*=q8_0",
+                 "--keep", "blocks.0.ffn.2.weight=f16"]) == 0
+    with GGUFFile(out) as f:
+        types = {n: t.ggml_type for n, t in f.tensors.items()}
+    assert types["blocks.0.self_attn.q.weight"] == GGMLType.Q8_0
+    assert types["blocks.0.ffn.2.weight"] == GGMLType.F16
+    assert types["blocks.1.self_attn.q.weight"] == GGMLType.Q4_0
+    assert types["blocks.1.ffn.2.weight"] == GGMLType.Q4_1
+
+
+@pytest.mark.golden
+def test_refuses_to_overwrite_and_leaves_input_alone(golden, tmp_path, capsys):
+    src = tmp_path / "wan.safetensors"
+    shutil.copy(golden / "gguf/wan_tiny/wan_tiny.safetensors", src)
+    before = _sha(src)
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"precious")
+    assert _run([src, out, "--type", "q8_0"]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--force" in err
+    assert out.read_bytes() == b"precious"
+    assert _run([src, out, "--type", "q8_0", "--force"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+    assert _run([src, src, "--type", "q8_0", "--force"]) == 1
+    assert _sha(src) == before
+
+
+@pytest.mark.golden
+def test_failed_convert_leaves_no_file(golden, tmp_path):
+    calls = []
+
+    def failing_hook(name, x):
+        calls.append(name)
+        if len(calls) == 10:
+            raise RuntimeError("disk on fire")
+        return x
+
+    out = tmp_path / "out.gguf"
+    opts = ConvertOptions(type=GGMLType.Q8_0, progress=False, weight_hooks=(failing_hook,))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convert(golden / "gguf/wan_tiny/wan_tiny.safetensors", out, opts)
+    assert len(calls) == 10
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.golden
+def test_weight_hooks_see_float32_by_official_name(golden, tmp_path):
+    seen = {}
+
+    def double(name, x):
+        seen[name] = x.dtype
+        return x * 2
+
+    src = golden / "gguf/wan_tiny/wan_tiny_comfy_bf16.safetensors"
+    out = tmp_path / "x.gguf"
+    convert(src, out, ConvertOptions(type=GGMLType.F32, progress=False, weight_hooks=(double,)))
+    reference = load_file(str(golden / "gguf/wan_tiny/wan_tiny.safetensors"))
+    assert set(seen) == set(reference) and set(seen.values()) == {torch.float32}
+    with GGUFFile(out) as f:
+        for n, ref in reference.items():
+            assert torch.equal(f.load(n), ref.to(torch.bfloat16).float() * 2), n
+
+
+@pytest.mark.golden
+def test_one_line_errors(golden, tmp_path, capsys):
+    tiny = golden / "gguf/wan_tiny/wan_tiny.safetensors"
+    junk = tmp_path / "junk.dat"
+    junk.write_bytes(b"\x01" * 100)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = [
+        ([tmp_path / "missing.safetensors", tmp_path / "o.gguf", "--type", "q8_0"], "no such file"),
+        ([junk, tmp_path / "o.gguf", "--type", "q8_0"], "unknown checkpoint format"),
+        ([golden / "vae21/weights.safetensors", tmp_path / "o.gguf", "--type", "q8_0"], "VAE, not a Wan DiT"),
+        ([tiny, tmp_path / "no/such/dir/o.gguf", "--type", "q8_0"], "does not exist"),
+        ([tiny, a_file / "o.gguf", "--type", "q8_0"], "not a folder"),
+        ([tiny, tmp_path / "o.gguf", "--type", "q4_k"], "q8_0"),
+        ([tiny, tmp_path / "o.gguf"], "--type is required"),
+        ([tiny, tmp_path / "o.gguf", "--type", "q8_0", "--keep", "blocks.*"], "PATTERN=TYPE"),
+    ]
+    for args, expected in cases:
+        assert _run(args) == 1, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+        assert expected in err, (expected, err)
+        assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "junk.dat"]
+
+
+@pytest.mark.golden
+def test_module_entry_point(golden, tmp_path):
+    out = tmp_path / "x.gguf"
+    run = subprocess.run(
+        [sys.executable, "-m", "quant.convert", str(golden / "gguf/wan_tiny/wan_tiny.safetensors"), str(out),
+         "--type", "q4_1", "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stdout and out.is_file()
+
+
+def test_cast_float_matches_gguf_py_bf16_including_nan():
+    x = torch.randn(4096) * torch.logspace(-30, 30, 4096)
+    x[:4] = torch.tensor([float("nan"), -float("nan"), float("inf"), 3.4e38])
+    x[4:8] = torch.from_numpy(np.array([0x7FC12345, 0xFFA00001, 0x7F800001, 0x00000001], dtype=np.uint32).view(np.float32))
+    want = gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.BF16)
+    got = cast_float(x, GGMLType.BF16)
+    assert np.array_equal(got.view(torch.uint8).numpy(), want.view(np.uint8))
+    # bf16 input: bits unchanged except NaNs made quiet, as gguf-py's float32 round trip does.
+    b = got.clone()
+    b.view(torch.int16)[6] = 0x7F81  # a signalling NaN
+    want_b = gguf.quants.quantize(b.float().numpy(), gguf.GGMLQuantizationType.BF16)
+    assert np.array_equal(cast_float(b, GGMLType.BF16).view(torch.uint8).numpy(), want_b.view(np.uint8))
+
+
+def test_convert_rejects_bad_options(tmp_path):
+    with pytest.raises(ConvertError, match="--via"):
+        convert(tmp_path / "x", tmp_path / "o.gguf", ConvertOptions(type=GGMLType.Q8_0, via=GGMLType.Q8_0))
+    with pytest.raises(ConvertError, match="cannot write"):
+        convert(tmp_path / "x", tmp_path / "o.gguf", ConvertOptions(type=GGMLType.Q4_K))
