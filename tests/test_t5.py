@@ -113,6 +113,18 @@ def test_hf_file_with_embed_tokens_and_decoder(t5, io, tmp_path):
     torch.testing.assert_close(enc.forward(io["ids"], io["mask"]), io["out"], atol=ATOL_FP32, rtol=0)
 
 
+def test_sharded_hf_folder(t5, io, tmp_path):
+    weights = load_file(str(t5 / "hf_weights.safetensors"))
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(tmp_path / shard))
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    enc = load_text_encoder(tmp_path, dtype=torch.float32, cache=False)
+    torch.testing.assert_close(enc.forward(io["ids"], io["mask"]), io["out"], atol=ATOL_FP32, rtol=0)
+
+
 def test_gguf_q8_0_stays_packed(t5, golden):
     meta = json.loads((t5 / "gguf_tensors.json").read_text())
     ref = load_file(str(t5 / "gguf_io.safetensors"))["out_q8_0_weights"]
