@@ -53,6 +53,9 @@ _WEIGHT_SCALE = (".scale_weight", ".weight_scale")
 _INPUT_SCALE = (".scale_input", ".input_scale")
 _QUANT_MARKERS = ("scaled_fp8",)
 
+# Name prefixes of Wan DiT tensors: a file with some of them is an incomplete Wan DiT.
+_WAN_PREFIXES = ("blocks.", "patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "head.")
+
 
 class DiTLoadError(ValueError):
     """A checkpoint that cannot be used as asked: what is wrong, what was expected, the fix."""
@@ -115,14 +118,18 @@ def inspect_checkpoint(ckpt: Checkpoint, *, num_heads: int | None = None) -> Loa
             f"{where}: this GGUF holds a {arch!r} model (general.architecture), not a Wan DiT; "
             "pass a Wan 2.2 expert (general.architecture 'wan')"
         )
-    if ckpt.kind != wan_names.WAN_DIT:
-        what = wan_names.KIND_DESCRIPTIONS.get(ckpt.kind, "not a model wanrt knows")
-        hint = {
-            wan_names.T5: " (load it with runtime.load_text_encoder)",
-            wan_names.VAE: " (load it with runtime.load_vae)",
-        }.get(ckpt.kind, f": its tensors are {_list(names, 4)}")
-        arch_note = " It has no general.architecture either." if no_arch else ""
-        raise DiTLoadError(f"{where}: this is {what}, not a Wan 2.2 DiT{hint}.{arch_note}")
+    arch_note = " The file has no general.architecture either." if no_arch else ""
+    if ckpt.kind in (wan_names.T5, wan_names.VAE):
+        loader = "load_text_encoder" if ckpt.kind == wan_names.T5 else "load_vae"
+        raise DiTLoadError(
+            f"{where}: this is {wan_names.KIND_DESCRIPTIONS[ckpt.kind]}, not a Wan 2.2 DiT "
+            f"(load it with runtime.{loader})"
+        )
+    if ckpt.kind != wan_names.WAN_DIT and not any(n.startswith(_WAN_PREFIXES) for n in names):
+        raise DiTLoadError(
+            f"{where}: not a Wan 2.2 DiT: none of its {len(names)} tensors has a Wan DiT name "
+            f"({_list(names, 4)}).{arch_note}"
+        )
     if any(n.startswith("img_emb.") or ".k_img." in n for n in names):
         raise DiTLoadError(
             f"{where}: this is a Wan 2.1 I2V checkpoint (it has the CLIP image branch img_emb / k_img); "
@@ -147,10 +154,13 @@ def inspect_checkpoint(ckpt: Checkpoint, *, num_heads: int | None = None) -> Loa
         eps = float(ckpt.config.get("eps", eps))
     try:
         config = detect_config(shapes, num_heads=heads, heads_source=heads_source, text_len=text_len, eps=eps)
-    except KeyError as e:
-        raise DiTLoadError(f"{where}: tensor {e.args[0]} is missing; {_missing_extra(shapes, None)}") from None
+    except KeyError:
+        raise DiTLoadError(
+            f"{where}: not a complete Wan 2.2 DiT: {_missing_extra(shapes, None)} "
+            f"({len(names)} tensors in the file).{arch_note}"
+        ) from None
     except ValueError as e:
-        raise DiTLoadError(f"{where}: {e}") from None
+        raise DiTLoadError(f"{where}: not a usable Wan 2.2 DiT: {e}.{arch_note}") from None
 
     want = expected_shapes(config)
     problems = _missing_extra(shapes, want)
@@ -168,7 +178,7 @@ def _missing_extra(shapes: dict, want: dict | None) -> str:
     if want is None:  # no configuration yet: list the anchors that are absent
         anchors = ("patch_embedding.weight", "blocks.0.ffn.0.weight", "time_embedding.0.weight",
                    "text_embedding.0.weight", "head.head.weight")
-        return f"missing {_list([a for a in anchors if a not in shapes])}"
+        return f"tensor(s) missing: {_list([a for a in anchors if a not in shapes])}"
     missing = [n for n in want if n not in shapes]
     extra = [n for n in shapes if n not in want]
     parts = []
