@@ -1,0 +1,612 @@
+"""The planner: from the budgets, the block sizes and the request, where every byte goes.
+
+    weights = BlockWeights.of(model, source)            # or BlockWeights.from_gguf(path)
+    plan = plan_dit(model.config, Request(832, 480, 81), weights=weights, vram="auto", ram="auto")
+    print(plan.describe())
+
+A plan says which blocks stay resident on the GPU, how many ring slots stream the rest,
+where each block's host copy lives (pinned in RAM, or staged from the file when RAM is
+short) and which FFN token chunk / attention head chunk the model must use. What it
+promises is what the driver shows: the CUDA context and library kernels (measured), the
+weights outside the blocks, the decode scratch, the activation peak of the request (a
+formula in the model's sizes, `dit_activation_bytes`), workspaces and fragmentation.
+
+A request that cannot fit raises `PlanError` before any work, with the numbers and the
+ways out, computed: a lighter quantization, fewer frames, a smaller size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from quant.ggml_types import GGMLType, parse_type, traits
+
+from .budget import AUTO, AUTO_RAM_MARGIN, DEFAULT_DEVICE_OVERHEAD, GiB, MiB, DeviceInfo, host_available
+
+# Bytes the allocator needs beyond the tensors it hands out: cuBLAS/cuDNN workspaces
+# (allocated through torch) and fragmentation of the activation traffic.
+WORKSPACE_BYTES = 256 * MiB
+FRAGMENTATION = 0.08  # of the activation peak
+# A device's bf16 FLOP/s divided by its pinned host-to-device bytes/s, for deciding how
+# many blocks must stay resident for copies to hide behind compute. H200: ~790 TFLOP/s
+# and ~54 GB/s; an RTX 4060 on PCIe 4.0 x8: ~65 TFLOP/s and ~12 GB/s. The larger
+# figure is the cautious one.
+DEVICE_BALANCE = 15_000.0  # FLOP per byte copied
+OVERLAP_SHARE = 0.7  # share of compute time the copies may take
+# Per value of an elementwise chunk (norm in float32, rope in float64): temporaries.
+ELEMENTWISE_BYTES_PER_VALUE = 48
+DEFAULT_CHUNK_VALUES = 1 << 23  # runtime.dit.DEFAULT_CHUNK_VALUES
+
+PINNED, STAGED, DROPPED = "pinned", "staged", "dropped"
+
+
+class PlanError(ValueError):
+    """A request that does not fit its budgets: the message says by how much and what to
+    change. `needed` and `budget` are bytes (driver view); `alternatives` are strings."""
+
+    def __init__(self, message: str, needed: int = 0, budget: int = 0, alternatives: Sequence[str] = ()):
+        super().__init__(message)
+        self.needed = needed
+        self.budget = budget
+        self.alternatives = tuple(alternatives)
+
+
+# -- what is generated -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A video size and how many samples go through each block together (2 with CFG:
+    the conditional and unconditional pass share every block's trip to the GPU)."""
+
+    width: int
+    height: int
+    frames: int
+    batch: int = 2
+    dtype: torch.dtype = torch.bfloat16
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+
+    def grid(self, patch: Sequence[int]) -> tuple[int, int, int]:
+        """Tokens per axis (frames, rows, columns) after the VAE and the patch embedding."""
+        st, sh, sw = self.vae_stride
+        lat = ((self.frames - 1) // st + 1, self.height // sh, self.width // sw)
+        return tuple(n // p for n, p in zip(lat, patch))
+
+    def tokens(self, patch: Sequence[int]) -> int:
+        return math.prod(self.grid(patch))
+
+    def describe(self) -> str:
+        return f"{self.width}×{self.height}×{self.frames}"
+
+
+# -- what the weights weigh --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Bytes of each block as the engine lays it out, bytes outside the blocks (kept on the
+    device), and what the 2-D linears of a block weigh (to price another quantization)."""
+
+    block_bytes: tuple[int, ...]
+    other_bytes: int
+    label: str = ""  # the blocks' main weight type, e.g. "q8_0"
+    reloadable: bool = True  # the bytes can be read again from a file
+    linear_params: int = 0  # per block
+    linear_bytes: int = 0  # per block, as stored (largest block)
+
+    @property
+    def largest(self) -> int:
+        return max(self.block_bytes) if self.block_bytes else 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.block_bytes) + self.other_bytes
+
+    @classmethod
+    def of(cls, model: nn.Module, source=None, prefix: str = "blocks") -> "BlockWeights":
+        """Exact sizes of `model`'s blocks (`model.<prefix>`, an nn.ModuleList) as the
+        engine will lay them out, reading from `source` (a FileSource) where it can."""
+        from .host import build_layouts
+
+        blocks = model.get_submodule(prefix)
+        layouts = build_layouts(blocks, prefix, source)
+        inside = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+        other = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in inside)
+        types: dict[str, int] = {}
+        lin_params = lin_bytes = 0
+        for layout in layouts:
+            params = nbytes = 0
+            for p in layout.places:
+                gt = getattr(p.module, "ggml_type", None) if p.attr == "weight" else None
+                if gt is not None or (p.attr == "weight" and len(p.shape) == 2):
+                    n_in = getattr(p.module, "in_features", None)
+                    n_out = getattr(p.module, "out_features", None)
+                    params += n_in * n_out if n_in and n_out else math.prod(p.shape)
+                    nbytes += p.nbytes
+                    name = GGMLType(gt).name.lower() if gt is not None else str(p.dtype).replace("torch.", "")
+                    types[name] = types.get(name, 0) + p.nbytes
+            lin_params, lin_bytes = max(lin_params, params), max(lin_bytes, nbytes)
+        label = max(types, key=types.get) if types else ""
+        return cls(
+            tuple(l.nbytes for l in layouts), other, label, all(l.from_file for l in layouts) and source is not None,
+            lin_params, lin_bytes,
+        )
+
+    @classmethod
+    def from_gguf(cls, path, prefix: str = "blocks") -> "BlockWeights":
+        """Sizes read from a GGUF file's tensor table, for planning before a model exists
+        (exact when the model keeps every tensor in the file's types)."""
+        from quant.gguf_reader import GGUFFile
+
+        from .host import _RUN_GAP, _align
+
+        blocks: dict[int, list] = {}
+        other = 0
+        with GGUFFile(path, require_data=False) as f:
+            infos = list(f.tensors.values())
+        for info in infos:
+            parts = info.name.split(".")
+            if parts[0] == prefix and len(parts) > 2 and parts[1].isdigit():
+                blocks.setdefault(int(parts[1]), []).append(info)
+            else:
+                other += info.nbytes
+        sizes, types = [], {}
+        lin_params = lin_bytes = 0
+        for i in range(len(blocks)):
+            if i not in blocks:
+                raise ValueError(f"{path}: block {i} is missing")
+            size, end, params, nbytes = 0, None, 0, 0
+            for info in sorted(blocks[i], key=lambda t: t.offset):
+                if end is not None and (info.offset - end > _RUN_GAP or info.offset < end):
+                    size = _align(size)
+                    end = None
+                size += info.nbytes if end is None else info.offset - end + info.nbytes
+                end = info.end
+                if len(info.shape) == 2:
+                    params += math.prod(info.shape)
+                    nbytes += info.nbytes
+                    types[info.ggml_type.name.lower()] = types.get(info.ggml_type.name.lower(), 0) + info.nbytes
+            sizes.append(_align(size))
+            lin_params, lin_bytes = max(lin_params, params), max(lin_bytes, nbytes)
+        label = max(types, key=types.get) if types else ""
+        return cls(tuple(sizes), other, label, True, lin_params, lin_bytes)
+
+    def with_linear_type(self, ggml_type) -> "BlockWeights":
+        """The same model with every block linear stored as `ggml_type` (an estimate for
+        suggesting a lighter file)."""
+        t = traits(parse_type(ggml_type))
+        new_linear = self.linear_params * t.type_size // t.block_size
+        delta = new_linear - self.linear_bytes
+        return replace(
+            self,
+            block_bytes=tuple(b + delta for b in self.block_bytes),
+            label=t.name.lower(),
+            linear_bytes=new_linear,
+        )
+
+
+# -- the plan ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """The device side of a plan, in bytes. `driver_peak` is what nvidia-smi should show."""
+
+    budget: int | None  # None: --vram auto
+    room: int  # what the plan may take in torch's allocator
+    overhead: int  # CUDA context and library kernels (outside the allocator)
+    overhead_source: str
+    preexisting: int  # tensors allocated before the plan (other stages' weights)
+    other_weights: int
+    scratch: int
+    resident: int
+    ring: int
+    activations: int
+    margin: int  # workspaces + fragmentation
+
+    @property
+    def allocator_peak(self) -> int:
+        return self.other_weights + self.scratch + self.resident + self.ring + self.activations + self.margin
+
+    @property
+    def driver_peak(self) -> int:
+        return self.overhead + self.preexisting + self.allocator_peak
+
+
+@dataclass(frozen=True)
+class HostBudget:
+    budget: int
+    pinned: int  # bytes of pinned block copies
+    staging: int  # bytes of the pinned staging ring
+    transient: int  # a staging buffer used once to upload resident blocks from the file
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each block lives and how the model computes. Built by `plan_blocks` or
+    `plan_dit`; read by the engine (`attach`, `StreamEngine`) and printed by `describe`."""
+
+    n_blocks: int
+    resident: tuple[int, ...]
+    ring_slots: int
+    slot_bytes: int
+    host: tuple[str, ...]  # per block: "pinned", "staged" (from the file) or "dropped" (resident only)
+    staging_slots: int
+    device: DeviceBudget
+    ram: HostBudget
+    ffn_chunk: int | None = None  # tokens per FFN chunk (None: all at once)
+    head_chunk: int | None = None  # heads per attention chunk (None: all at once)
+    title: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        res = set(self.resident)
+        return tuple(i for i in range(self.n_blocks) if i not in res)
+
+    def describe(self) -> str:
+        d, r = self.device, self.ram
+        g = lambda n: f"{n / GiB:6.2f} GiB"  # noqa: E731
+        budget = "auto" if d.budget is None else f"{d.budget / GiB:.2f} GiB"
+        n_pinned = sum(1 for i in self.streamed if self.host[i] == PINNED)
+        n_staged = sum(1 for i in self.streamed if self.host[i] == STAGED)
+        chunks = ", ".join(
+            [f"FFN {self.ffn_chunk:,} tokens at a time" if self.ffn_chunk else "FFN whole"]
+            + [f"attention {self.head_chunk} heads at a time" if self.head_chunk else "attention all heads"]
+        )
+        ring = f"{self.ring_slots} slots × {self.slot_bytes / MiB:.0f} MiB" if self.ring_slots else "none"
+        lines = [
+            f"streaming plan: {self.title}" if self.title else "streaming plan",
+            f"  GPU   budget {budget}, predicted peak {d.driver_peak / GiB:.2f} GiB (driver view)",
+            f"    CUDA context + libraries  {g(d.overhead)}  ({d.overhead_source})",
+        ]
+        if d.preexisting:
+            lines.append(f"    tensors already there     {g(d.preexisting)}")
+        lines += [
+            f"    weights outside blocks    {g(d.other_weights)}",
+            f"    decode scratch            {g(d.scratch)}",
+            f"    resident blocks           {g(d.resident)}  ({len(self.resident)} of {self.n_blocks})",
+            f"    ring                      {g(d.ring)}  ({ring}, {len(self.streamed)} blocks streamed)",
+            f"    activations               {g(d.activations)}  ({chunks})",
+            f"    workspace + fragmentation {g(d.margin)}",
+            f"  host  budget {r.budget / GiB:.2f} GiB: {n_pinned} blocks pinned {r.pinned / GiB:.2f} GiB, "
+            f"{n_staged} staged from disk through {r.staging / GiB:.2f} GiB",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# -- the generic planner -------------------------------------------------------------------
+
+Chunks = tuple[int | None, int | None]  # (ffn tokens, attention heads)
+
+
+def _spread(n: int, k: int) -> tuple[int, ...]:
+    """k of n indices, evenly spaced (resident blocks between streamed ones give the copies
+    more time)."""
+    if k <= 0:
+        return ()
+    if k >= n:
+        return tuple(range(n))
+    return tuple(sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)}))
+
+
+def _device_info(device, vram) -> DeviceInfo:
+    if isinstance(device, DeviceInfo):
+        return device
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        return DeviceInfo.probe(dev)
+    if vram == AUTO:
+        raise PlanError("--vram auto needs a CUDA device to measure; give the budget in GiB (e.g. --vram 8)")
+    # Planning without a GPU (a dry run, a CPU device): assume an empty device of that size.
+    total = int(vram)
+    return DeviceInfo("no GPU (assumed)", total, total - DEFAULT_DEVICE_OVERHEAD, 0, 0, DEFAULT_DEVICE_OVERHEAD, "assumed")
+
+
+def plan_blocks(
+    weights: BlockWeights,
+    *,
+    activation: Callable[[int | None, int | None], int],
+    chunk_options: Sequence[Chunks] = ((None, None),),
+    flops_per_block: float | None = None,
+    scratch_bytes: int = 0,
+    vram="auto",
+    ram="auto",
+    device=None,
+    prefetch_depth: int = 1,
+    staging_slots: int = 2,
+    resident: str | int = "auto",
+    title: str = "",
+) -> Plan:
+    """Plan any module of equal-ish blocks.
+
+    activation(ffn_chunk, head_chunk) -> bytes of the activation peak; chunk_options are
+    tried in order (least chunking first) and the first that fits is used.
+    flops_per_block: compute of one block per forward, to decide how many blocks must stay
+    resident so that copies hide behind compute (resident="auto"); "max" keeps as many as
+    fit, an int asks for that many (as far as they fit).
+    vram / ram: AUTO or bytes (see budget.parse_memory). device: a DeviceInfo, a device,
+    or None (the current CUDA device)."""
+    from .budget import parse_memory
+
+    vram, ram = parse_memory(vram, "--vram"), parse_memory(ram, "--ram")
+    info = _device_info(device, vram)
+    room = info.room(vram)
+    n = len(weights.block_bytes)
+    sizes = weights.block_bytes
+    fixed = weights.other_bytes + scratch_bytes
+
+    def device_budget(act: int, res: Sequence[int], slots: int, slot_bytes: int) -> DeviceBudget:
+        return DeviceBudget(
+            None if vram == AUTO else int(vram), room, info.overhead, info.overhead_source, info.allocated,
+            weights.other_bytes, scratch_bytes, sum(sizes[i] for i in res), slots * slot_bytes, act,
+            WORKSPACE_BYTES + int(FRAGMENTATION * act),
+        )
+
+    # 1. the least chunking that fits with every block streamed through the smallest ring
+    min_slots = min(2, n)
+    chosen = None
+    best = None
+    for ffn_chunk, head_chunk in chunk_options:
+        act = activation(ffn_chunk, head_chunk)
+        need = device_budget(act, (), min_slots, weights.largest)
+        if best is None or need.allocator_peak < best[1].allocator_peak:
+            best = ((ffn_chunk, head_chunk), need)
+        if need.allocator_peak <= room:
+            chosen = ((ffn_chunk, head_chunk), act)
+            break
+    if chosen is None:
+        need = best[1]
+        budget = need.budget if need.budget is not None else room + info.overhead + info.allocated
+        raise PlanError(
+            f"needs {need.driver_peak / GiB:.1f} GiB of GPU memory; the budget is {budget / GiB:.1f} GiB",
+            need.driver_peak, budget,
+        )
+    (ffn_chunk, head_chunk), act = chosen
+    base = device_budget(act, (), 0, 0).allocator_peak
+
+    # 2. residency: everything if it fits, else what the policy asks within what fits
+    asked_all = resident in ("auto", "max") or int(resident) >= n
+    if asked_all and base + sum(sizes) <= room:
+        res: tuple[int, ...] = tuple(range(n))
+    else:
+        slots = min(prefetch_depth + 1, n)
+        left = room - base - slots * weights.largest
+        fit = 0
+        for s in sorted(sizes):
+            if s > left:
+                break
+            left -= s
+            fit += 1
+        fit = min(fit, n - 1)
+        if resident == "max":
+            want = fit
+        elif resident == "auto":
+            want = n
+            if flops_per_block is not None:
+                hidden = OVERLAP_SHARE * n * (flops_per_block / max(1, weights.largest)) / DEVICE_BALANCE
+                want = max(0, n - int(hidden))
+        else:
+            want = int(resident)
+        res = _spread(n, min(fit, want))
+    streamed = [i for i in range(n) if i not in set(res)]
+    slots = min(prefetch_depth + 1, len(streamed)) if streamed else 0
+    slot_bytes = max((sizes[i] for i in streamed), default=0)
+    dev = device_budget(act, res, slots, slot_bytes)
+
+    # 3. host: pin what the RAM budget holds, stage the rest from the file
+    ram_budget = host_available() - AUTO_RAM_MARGIN if ram == AUTO else int(ram)
+    host = [PINNED] * n
+    keep_resident = not weights.reloadable
+    need_all = sum(sizes[i] for i in streamed) + (sum(sizes[i] for i in res) if keep_resident else 0)
+    staging = 0
+    if need_all <= ram_budget:
+        pinned = need_all
+    elif not weights.reloadable:
+        raise PlanError(
+            f"the weights need {need_all / GiB:.1f} GiB of host memory and are not in a file to stream from; "
+            f"the RAM budget is {ram_budget / GiB:.1f} GiB: load them from a GGUF file, or raise --ram",
+            need_all, ram_budget,
+        )
+    else:
+        staging = staging_slots * slot_bytes
+        left = ram_budget - staging
+        if left < 0:
+            raise PlanError(
+                f"the RAM budget {ram_budget / GiB:.2f} GiB is below the staging ring it needs "
+                f"({staging_slots} × {slot_bytes / MiB:.0f} MiB): raise --ram",
+                staging, ram_budget,
+            )
+        pinned = 0
+        for i in streamed:
+            if sizes[i] <= left:
+                left -= sizes[i]
+                pinned += sizes[i]
+            else:
+                host[i] = STAGED
+                left = -1  # keep pinned blocks a prefix: staged ones follow in order
+    if not keep_resident:
+        for i in res:
+            host[i] = DROPPED
+    transient = max((sizes[i] for i in res), default=0) if not keep_resident else 0
+    notes = []
+    if any(h == STAGED for h in host):
+        notes.append("blocks staged from disk are read every forward: a fast SSD keeps up, a slow disk will not")
+    return Plan(
+        n_blocks=n, resident=res, ring_slots=slots, slot_bytes=slot_bytes, host=tuple(host),
+        staging_slots=staging_slots if staging else 0, device=dev,
+        ram=HostBudget(ram_budget, pinned, staging, transient),
+        ffn_chunk=ffn_chunk, head_chunk=head_chunk, title=title, notes=tuple(notes),
+    )
+
+
+# -- the Wan DiT ----------------------------------------------------------------------------
+
+
+def dit_activation_bytes(
+    *,
+    dim: int,
+    ffn_dim: int,
+    heads: int,
+    tokens: int,
+    text_len: int,
+    batch: int,
+    dtype_bytes: int,
+    ffn_chunk: int | None = None,
+    head_chunk: int | None = None,
+    chunk_values: int = DEFAULT_CHUNK_VALUES,
+) -> int:
+    """Peak bytes of activations in one forward of `runtime.dit.WanDiT` (weights, ring and
+    decode scratch not included), `tokens` per sample, `batch` samples per block call.
+
+    With T = batch·tokens and e = dtype_bytes, the forward holds the float32 residual
+    stream x (4·T·dim) throughout; each phase of a block adds (as the code allocates):
+      self-attention   h, q, k, v and the attention output: 5·e·T·dim (h stays alive
+                       while the block's call into the attention runs); chunking by heads
+                       adds the output buffer and per-chunk copies of q, k, v
+      cross-attention  LN3(x), q, the attention output, its reshaped copy: 4·e·T·dim
+      FFN              per chunk of c tokens: e·c·(dim + ffn_dim)
+      head             LN(x)·(1+scale)+shift in float32: 4·T·dim
+    block 0 also holds the bf16 patch tokens (e·T·dim) once x becomes float32; elementwise
+    work (norms in float32, rope in float64) runs over chunks of `chunk_values` values with
+    ELEMENTWISE_BYTES_PER_VALUE bytes of temporaries each; the text context (e·batch·
+    text_len·dim), its k/v and the rope tables (2 float64 [tokens, head_dim/2]) persist."""
+    T = batch * tokens
+    td = T * dim
+    e = dtype_bytes
+    x = 4 * td
+    elementwise = ELEMENTWISE_BYTES_PER_VALUE * min(chunk_values, tokens * dim)
+    attn = 5 * e * td
+    if head_chunk is not None and head_chunk < heads:
+        share = head_chunk / heads
+        attn += e * td + 4 * e * td * share  # output buffer; per chunk: result + q/k/v slices
+    self_attn = x + max(attn, 3 * e * td + elementwise)
+    cross = x + e * td + 4 * e * td  # block 0 still holds the bf16 patch tokens
+    c = T if ffn_chunk is None else min(T, ffn_chunk)
+    ffn = x + e * td + e * c * (dim + ffn_dim) + elementwise
+    head = x + 4 * td + elementwise
+    persistent = e * batch * text_len * dim * 3 + 2 * tokens * (dim // heads // 2) * 8
+    return max(self_attn, cross, ffn, head) + persistent
+
+
+def dit_flops_per_block(*, dim: int, ffn_dim: int, tokens: int, text_len: int, batch: int) -> float:
+    """Multiply-adds ×2 of one block call: projections, FFN, self- and cross-attention."""
+    linear = tokens * (6 * dim * dim + 2 * dim * ffn_dim) + text_len * 2 * dim * dim
+    attention = 2 * tokens * tokens * dim + 2 * tokens * text_len * dim
+    return 2.0 * batch * (linear + attention)
+
+
+def dit_chunk_options(tokens: int, batch: int, heads: int) -> list[Chunks]:
+    """(ffn tokens, attention heads) from none to the finest worth trying."""
+    T = batch * tokens
+    ffn = [None] + [T >> k for k in range(1, 8) if (T >> k) >= 1024]
+    hd = [None] + [heads >> k for k in range(1, 6) if (heads >> k) >= 1]
+    return sorted(((f, h) for f in ffn for h in hd), key=lambda o: (o[1] is not None, o[0] is not None, -(o[0] or T), -(o[1] or heads)))
+
+
+def dit_scratch_bytes(dim: int, ffn_dim: int) -> int:
+    """The DiT's decode scratch: two slots (the FFN's two weights) of the largest block
+    linear in 2-byte elements (runtime.dit.WanDiT.scratch)."""
+    return 2 * max(dim * dim, dim * ffn_dim) * 2
+
+
+def plan_dit(
+    config,
+    request: Request,
+    *,
+    weights: BlockWeights,
+    vram="auto",
+    ram="auto",
+    device=None,
+    prefetch_depth: int = 1,
+    staging_slots: int = 2,
+    resident: str | int = "auto",
+    chunk_values: int = DEFAULT_CHUNK_VALUES,
+) -> Plan:
+    """Plan one Wan DiT expert (`config` a runtime.dit_config.DiTConfig) for `request`.
+    Raises PlanError, with computed ways out, when it cannot fit."""
+    e = torch.empty((), dtype=request.dtype).element_size()
+
+    def attempt(req: Request, w: BlockWeights) -> Plan:
+        tokens = req.tokens(config.patch_size)
+        if tokens < 1:
+            raise ValueError(f"{req.describe()} gives no tokens; the smallest size is 16×16×1")
+        act = lambda f, h: dit_activation_bytes(  # noqa: E731
+            dim=config.dim, ffn_dim=config.ffn_dim, heads=config.num_heads, tokens=tokens,
+            text_len=config.text_len, batch=req.batch, dtype_bytes=e, ffn_chunk=f, head_chunk=h,
+            chunk_values=chunk_values,
+        )
+        return plan_blocks(
+            w, activation=act, chunk_options=dit_chunk_options(tokens, req.batch, config.num_heads),
+            flops_per_block=dit_flops_per_block(
+                dim=config.dim, ffn_dim=config.ffn_dim, tokens=tokens, text_len=config.text_len, batch=req.batch
+            ),
+            scratch_bytes=dit_scratch_bytes(config.dim, config.ffn_dim), vram=vram, ram=ram, device=info,
+            prefetch_depth=prefetch_depth, staging_slots=staging_slots, resident=resident,
+            title=f"{req.describe()} ({tokens:,} tokens × {req.batch}, {str(req.dtype).replace('torch.', '')}), "
+            f"{len(w.block_bytes)} blocks of {w.largest / MiB:.0f} MiB {w.label}".rstrip(),
+        )
+
+    from .budget import parse_memory
+
+    vram, ram = parse_memory(vram, "--vram"), parse_memory(ram, "--ram")
+    info = _device_info(device, vram)
+    try:
+        return attempt(request, weights)
+    except PlanError as err:
+        if err.needed == 0 or "GPU memory" not in str(err):
+            raise
+        ways = _ways_out(attempt, request, weights)
+        what = f"{request.describe()} with {weights.label}" if weights.label else request.describe()
+        msg = f"needs {err.needed / GiB:.1f} GiB at {what}; the budget is {err.budget / GiB:.1f} GiB"
+        msg += ": " + _or(ways) if ways else " and no smaller setting fits: free GPU memory or use a larger GPU"
+        raise PlanError(msg, err.needed, err.budget, ways) from None
+
+
+def _fits(attempt, req: Request, w: BlockWeights) -> bool:
+    try:
+        attempt(req, w)
+        return True
+    except PlanError:
+        return False
+
+
+def _ways_out(attempt, req: Request, w: BlockWeights) -> list[str]:
+    ways = []
+    # a lighter file
+    if w.linear_params:
+        for t in ("q5_0", "q4_0"):
+            lighter = w.with_linear_type(t)
+            if lighter.largest < w.largest and _fits(attempt, req, lighter):
+                ways.append(f"use {t}")
+                break
+    # fewer frames (4k+1)
+    k_max = (req.frames - 1) // 4
+    lo, hi, best = 0, k_max - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if _fits(attempt, replace(req, frames=4 * mid + 1), w):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best is not None:
+        ways.append(f"{req.frames}→{4 * best + 1} frames")
+    # a smaller size, same aspect ratio, multiples of 16
+    for step in range(1, 15):
+        s = 1.0 - 0.05 * step
+        w16, h16 = max(16, round(req.width * s / 16) * 16), max(16, round(req.height * s / 16) * 16)
+        if (w16, h16) == (req.width, req.height):
+            continue
+        if _fits(attempt, replace(req, width=w16, height=h16), w):
+            ways.append(f"{w16}×{h16}")
+            break
+    return ways
+
+
+def _or(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
