@@ -313,8 +313,33 @@ class GGUFFile:
             if item_type == ValueType.BOOL:
                 values = [bool(v) for v in values]
             return values, item_type
+        if item_type == ValueType.STRING:
+            return self._strings(cur, count, what), item_type
         values = [self._value(cur, item_type, f"element {j} of {what}", depth + 1)[0] for j in range(count)]
         return values, item_type
+
+    def _strings(self, cur: _Cursor, count: int, what: str) -> list[str]:
+        """An array of strings (a tokenizer vocabulary holds 256k): a tight loop, which
+        hands any element that is cut, too long or not UTF-8 to the checked reader
+        for its error message."""
+        buf, end, pos = self._mm, cur.size, cur.pos
+        unpack = _U64.unpack_from
+        values = []
+        for j in range(count):
+            if end - pos >= 8:
+                n = unpack(buf, pos)[0]
+                if n <= min(end - pos - 8, _MAX_STRING):
+                    try:
+                        values.append(buf[pos + 8 : pos + 8 + n].decode("utf-8"))
+                        pos += 8 + n
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+            cur.pos = pos
+            cur.string(f"element {j} of {what}")  # raises
+            raise AssertionError("unreachable: the checked reader accepted what the fast path refused")
+        cur.pos = pos
+        return values
 
     def _alignment(self, cur: _Cursor, key_pos: dict[str, int]) -> int:
         if ALIGNMENT_KEY not in self.metadata:

@@ -357,3 +357,22 @@ def test_tensor_data_in_any_order(tmp_path):
         assert list(f.tensors) == ["a", "b"]
         for name, t in tensors.items():
             assert torch.equal(f.load(name), t)
+
+
+def test_string_arrays(tmp_path):
+    """Vocabulary-sized string arrays read back; a bad element is named in the error."""
+    tokens = [f"\u2581tok{i}" for i in range(5000)]
+    path = _write(tmp_path / "vocab.gguf", {"x": torch.zeros(32)}, [("tokenizer.ggml.tokens", tokens, None, None)])
+    with GGUFFile(path) as f:
+        assert f.metadata["tokenizer.ggml.tokens"] == tokens
+        assert f.metadata_types["tokenizer.ggml.tokens"] == (ValueType.ARRAY, ValueType.STRING)
+    full = path.read_bytes()
+    at = full.index("\u2581tok100".encode())
+    for label, patch in (("utf8", (at, b"\xff")), ("length", (at - 8, struct.pack("<Q", 2**40)))):
+        data = bytearray(full)
+        data[patch[0] : patch[0] + len(patch[1])] = patch[1]
+        bad = tmp_path / f"{label}.gguf"
+        bad.write_bytes(bytes(data))
+        with pytest.raises(GGUFError, match="element 100 of metadata 'tokenizer.ggml.tokens'") as exc:
+            GGUFFile(bad)
+        _check_error(exc.value, bad)
