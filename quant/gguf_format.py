@@ -22,8 +22,6 @@ ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
 # patch_embedding.weight (Conv3d), so wanrt reads and writes up to 5.
 MAX_DIMS = 5
 
-HEADER_SIZE = 24  # magic, version, tensor count, kv count
-
 
 class ValueType(enum.IntEnum):
     """Metadata value types, with their on-disk ids."""

@@ -38,7 +38,6 @@ from .gguf_format import (
     ALIGNMENT_KEY,
     ARCHITECTURE_KEY,
     DEFAULT_ALIGNMENT,
-    HEADER_SIZE,
     MAGIC,
     MAX_DIMS,
     MIN_VALUE_SIZE,
