@@ -40,7 +40,7 @@ from quant.t5_names import is_decoder_part, official_name, official_names
 
 from .dequant import decode
 from .prompt_cache import PromptCache, file_identity
-from .qlinear import QLinear
+from .qlinear import FP8_TYPES, QLinear
 from .tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
 
 
@@ -340,11 +340,6 @@ def _read_tensors(path: Path, stack: contextlib.ExitStack) -> dict[str, tuple[tu
         return {name: (info.shape, functools.partial(gguf.load, name)) for name, info in gguf.tensors.items()}
     if kind == "safetensors":
         handle = stack.enter_context(safe_open(str(path), framework="pt"))
-        if any(n.endswith(".scale_weight") for n in handle.keys()):
-            raise ValueError(
-                f"{path}: a scaled-fp8 file (ComfyUI 'fp8_scaled'), which wanrt does not read; "
-                "use the bf16/fp16 umt5 safetensors, the official .pth or a GGUF"
-            )
         return {
             name: (tuple(handle.get_slice(name).get_shape()), functools.partial(handle.get_tensor, name))
             for name in handle.keys()
@@ -366,7 +361,8 @@ def _check_decodable(name: str, packed: PackedTensor, source: Path) -> None:
 
 
 def _load_weights(
-    model: UMT5Encoder, cfg: T5Config, found: dict, source: str, device: torch.device, dtype: torch.dtype
+    model: UMT5Encoder, cfg: T5Config, found: dict, scales: dict, source: Path, device: torch.device,
+    dtype: torch.dtype,
 ) -> None:
     """Fill every buffer of `model` (built on the meta device) from `found`."""
     checked: set[GGMLType] = set()
@@ -378,6 +374,12 @@ def _load_weights(
         # The token table stays in host memory: a lookup reads a few hundred of its
         # 256k rows, so keeping it off the GPU saves 1-2 GB of VRAM for a tiny copy.
         where = torch.device("cpu") if name == "token_embedding.weight" else device
+        if name in scales:
+            scale = scales[name]().to(torch.float32)
+            if isinstance(module, QLinear) and value.dtype in FP8_TYPES:
+                module.set_weight(value.to(where), scale.to(where))  # fp8 stays fp8 until the matmul
+                continue
+            value = value.to(torch.float32) * scale.reshape(-1, *[1] * (value.dim() - 1))
         if isinstance(value, PackedTensor):
             if not hasattr(module, "set_weight"):  # norms and bias tables are tiny: decode them
                 value = value.dequantize(torch.float32)
@@ -516,9 +518,17 @@ def load_text_encoder(
     with contextlib.ExitStack() as stack:
         found: dict[str, tuple[str, Callable]] = {}
         shapes: dict[str, tuple[int, ...]] = {}
+        scales: dict[str, Callable] = {}  # ComfyUI scaled fp8: weight = fp8 values * scale_weight
         unknown: list[str] = []
         for file in files:
             for stored, (shape, loader) in _read_tensors(file, stack).items():
+                if stored == "scaled_fp8" or stored.endswith(".scale_input"):
+                    continue  # a format marker; activation scales for fp8 matmuls
+                if stored.endswith(".scale_weight"):
+                    name = official_name(stored.removesuffix("scale_weight") + "weight")
+                    if name is not None:
+                        scales[name] = loader
+                        continue
                 name = official_name(stored)
                 if name is None:
                     if not is_decoder_part(stored):
@@ -530,7 +540,7 @@ def load_text_encoder(
         _check_complete(cfg, shapes, unknown, str(path))
         with torch.device("meta"):
             model = UMT5Encoder(cfg, dtype)
-        _load_weights(model, cfg, found, path, device, dtype)
+        _load_weights(model, cfg, found, scales, path, device, dtype)
     model.eval().requires_grad_(False)
 
     if isinstance(tokenizer, Tokenizer):

@@ -125,6 +125,29 @@ def test_sharded_hf_folder(t5, io, tmp_path):
     torch.testing.assert_close(enc.forward(io["ids"], io["mask"]), io["out"], atol=ATOL_FP32, rtol=0)
 
 
+def test_comfyui_scaled_fp8(t5, io, tmp_path):
+    """fp8 weights with a per-tensor `scale_weight` (ComfyUI's fp8_scaled files) stay fp8."""
+    weights = load_file(str(t5 / "hf_weights.safetensors"))
+    scaled, dequantized = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for name, w in weights.items():
+        if w.dim() == 2 and name != "shared.weight" and "relative_attention_bias" not in name:
+            scale = w.abs().amax() / 448.0
+            w8 = (w / scale).to(torch.float8_e4m3fn)
+            scaled[name], scaled[name.removesuffix("weight") + "scale_weight"] = w8, scale.reshape(1)
+            scaled[name.removesuffix("weight") + "scale_input"] = torch.ones(1)
+            dequantized[name] = w8.to(torch.float32) * scale
+        else:
+            scaled[name] = dequantized[name] = w
+    save_file(scaled, str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"))
+    save_file(dequantized, str(tmp_path / "dequantized.safetensors"))
+    enc = load_text_encoder(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", dtype=torch.float32, cache=False)
+    assert enc.model.blocks[0].attn.q.weight.dtype == torch.float8_e4m3fn
+    ref = load_text_encoder(tmp_path / "dequantized.safetensors", dtype=torch.float32, cache=False)
+    out = enc.forward(io["ids"], io["mask"])
+    torch.testing.assert_close(out, ref.forward(io["ids"], io["mask"]), atol=ATOL_FP32, rtol=0)
+    assert _rel_l2(out, io["out"]) < 0.2  # fp8 is coarse, but it is the same model
+
+
 def test_gguf_q8_0_stays_packed(t5, golden):
     meta = json.loads((t5 / "gguf_tensors.json").read_text())
     ref = load_file(str(t5 / "gguf_io.safetensors"))["out_q8_0_weights"]
