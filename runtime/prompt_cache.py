@@ -8,7 +8,8 @@ Key: sha256 over
 - the token ids of the prompt (cleaned, `</s>` appended, truncated): they capture the
   prompt, the tokenizer and text_len, so a different tokenizer or a longer prompt
   never reuses an entry, while a prompt whose ids are the same always can;
-- the compute dtype, and a version of the numerics of this code.
+- the compute dtype, and a version of the numerics of this code. Not the device: an
+  entry encoded on the CPU serves a GPU run too (they differ by float rounding only).
 
 Entry: `<root>/prompts/<key>.safetensors`, one tensor `embedding` [len, dim] (CPU, the
 encoder's dtype), metadata with the key, cleaned prompt and encoder identity. Written to
