@@ -41,7 +41,7 @@ from .rope import RopeTable, rotate
 
 # Elementwise float32/float64 work (norms, rope, modulation) runs over token chunks of
 # about this many values, so its temporaries stay small next to the activations.
-DEFAULT_CHUNK_VALUES = 1 << 23
+DEFAULT_CHUNK_VALUES = 1 << 24
 
 # Beyond this many runs of equal timesteps per sample, per-token tables are gathered
 # instead of walking the runs (arbitrary per-token t; TI2V has two runs).
@@ -185,21 +185,21 @@ class RMSNorm(nn.Module):
         n = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return n.to(x.dtype) * self.weight.float()
 
-    def normalize_(self, x: torch.Tensor, chunk: int, rope: Sequence[tuple] | None = None) -> torch.Tensor:
-        """In place over x [B, S, dim] in token chunks; with `rope` (per sample: cos, sin
-        [L_i, head_dim/2] for its real tokens) the normed heads are also rotated in
-        float64 as the official rope_apply does, padding tokens left unrotated."""
+    def normalize_(self, x: torch.Tensor, chunk: int, rope: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """In place over x [B, S, dim] in token chunks; with `rope` (per sample, the
+        complex128 [L_i, head_dim/2] rotations of its real tokens) the normed heads are
+        also rotated in float64 as the official rope_apply does, padding left unrotated."""
         B, S, D = x.shape
         for b in range(B):
-            cos, sin = rope[b] if rope is not None else (None, None)
-            n_real = 0 if cos is None else cos.shape[0]
+            freqs = None if rope is None else rope[b]
+            n_real = 0 if freqs is None else freqs.shape[0]
             for s in range(0, S, chunk):
                 e = min(S, s + chunk)
                 y = self(x[b, s:e])
                 if s < n_real:
                     r = min(e, n_real)
-                    heads = y[: r - s].view(r - s, -1, 2 * cos.shape[1])
-                    y[: r - s] = rotate(heads, cos[s:r], sin[s:r]).view(r - s, D)
+                    heads = y[: r - s].view(r - s, -1, 2 * freqs.shape[1])
+                    y[: r - s] = rotate(heads, freqs[s:r]).view(r - s, D)
                 x[b, s:e] = y
         return x
 
@@ -233,7 +233,7 @@ class BlockInputs:
     time: TimeEmbedding
     context: torch.Tensor  # [B, text_len, dim] compute dtype
     seq_lens: list[int]  # real tokens per sample
-    rope: list[tuple[torch.Tensor, torch.Tensor]]  # per sample: cos, sin float64 [L_i, head_dim/2]
+    rope: list[torch.Tensor]  # per sample: complex128 [L_i, head_dim/2] rotations of its tokens
     settings: ComputeSettings
 
 

@@ -18,6 +18,9 @@ from .dequant import decode
 
 FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
+# Packed weights are decoded this many values at a time.
+DECODE_CHUNK_VALUES = 1 << 24
+
 
 class ScratchPool:
     """Byte buffers reused for decoded weights, keyed by (device, slot), grown on demand.
@@ -117,8 +120,14 @@ class QLinear(nn.Module):
             w = w.to(torch.float32).mul_(s)
             return w.to(dtype) if out is None else out.copy_(w)
         row = row_nbytes(self.ggml_type, n_in)
-        data = self.weight[r0 * row : r1 * row]
-        return decode(data, self.ggml_type, (r1 - r0, n_in), dtype, out=out)
+        if out is None:
+            out = torch.empty(r1 - r0, n_in, dtype=dtype, device=self.weight.device)
+        # A few million values per call bounds the decoder's float32 temporaries.
+        step = max(1, DECODE_CHUNK_VALUES // n_in)
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            decode(self.weight[a * row : b * row], self.ggml_type, (b - a, n_in), dtype, out=out[a - r0 : b - r0])
+        return out
 
     def _row_chunk(self, dtype: torch.dtype) -> int:
         pool = self.scratch

@@ -42,31 +42,26 @@ class RopeTable:
         """The table as the official model keeps it: complex128 [MAX_POSITIONS, c]."""
         return torch.complex(self.cos, self.sin)
 
-    def for_grid(self, f: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin float64 [f*h*w, c] for the tokens of an (f, h, w) grid (w fastest)."""
+    def for_grid(self, f: int, h: int, w: int) -> torch.Tensor:
+        """complex128 [f*h*w, c]: the rotation of each token of an (f, h, w) grid (w fastest)."""
         if max(f, h, w) > MAX_POSITIONS:
             raise ValueError(f"a latent grid of {f}x{h}x{w} patches exceeds the {MAX_POSITIONS} rope positions")
         a, b, _ = self.pairs
-        parts = []
-        for table in (self.cos, self.sin):
-            grid = torch.cat(
-                [
-                    table[:f, :a].view(f, 1, 1, -1).expand(f, h, w, -1),
-                    table[:h, a : a + b].view(1, h, 1, -1).expand(f, h, w, -1),
-                    table[:w, a + b :].view(1, 1, w, -1).expand(f, h, w, -1),
-                ],
-                dim=-1,
-            )
-            parts.append(grid.reshape(f * h * w, -1))
-        return parts[0], parts[1]
+        table = self.complex()
+        grid = torch.cat(
+            [
+                table[:f, :a].view(f, 1, 1, -1).expand(f, h, w, -1),
+                table[:h, a : a + b].view(1, h, 1, -1).expand(f, h, w, -1),
+                table[:w, a + b :].view(1, 1, w, -1).expand(f, h, w, -1),
+            ],
+            dim=-1,
+        )
+        return grid.reshape(f * h * w, -1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [L, N, d] (any float dtype) rotated by cos/sin [L, d/2] in float64; returns
-    float32 like the official rope_apply."""
+def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """x [L, N, d] (any float dtype) times the rotations freqs (complex128 [L, d/2]) in
+    float64, as the official rope_apply; returns float32."""
     L, n, d = x.shape
-    pairs = x.to(torch.float64).view(L, n, d // 2, 2)
-    re, im = pairs.unbind(-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((re * c - im * s, re * s + im * c), dim=-1)
-    return out.view(L, n, d).float()
+    pairs = torch.view_as_complex(x.to(torch.float64).view(L, n, d // 2, 2))
+    return torch.view_as_real(pairs * freqs[:, None, :]).view(L, n, d).float()
