@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from quant.ggml_types import GGMLType
 from quant.t5_names import official_name
-from runtime.t5 import UMT5Encoder, fp16_clamp, load_text_encoder, position_buckets
-from runtime.tokenizer import Tokenizer, load_tokenizer
+from runtime.t5 import T5Config, fp16_clamp, load_text_encoder, position_buckets
+from runtime.tokenizer import TEXT_LEN, Tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.golden
 
@@ -47,6 +47,16 @@ def test_config_from_weights(encoder, t5):
     names = {n for n, _ in encoder.model.named_buffers()}
     assert names == set(load_file(str(t5 / "weights.safetensors")))
     assert not any(b.is_meta for b in encoder.model.buffers())
+
+
+def test_default_config_is_umt5_xxl(t5):
+    full = json.loads((t5 / "config.json").read_text())["full_size_umt5_xxl"]
+    c = T5Config()
+    assert (c.vocab, c.dim, c.dim_attn, c.dim_ffn, c.num_heads, c.num_layers, c.num_buckets) == (
+        full["vocab_size"], full["dim"], full["dim_attn"], full["dim_ffn"], full["num_heads"],
+        full["encoder_layers"], full["num_buckets"],
+    )
+    assert TEXT_LEN == full["text_len"]
 
 
 def test_position_buckets(io):
