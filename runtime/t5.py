@@ -552,13 +552,49 @@ def load_text_encoder(
         tok = load_tokenizer(tokenizer)
     else:
         tok = _default_tokenizer(path, files)
+    return TextEncoder(model, tok, device=device, cache=_as_cache(cache), identity=file_identity(files),
+                       source=str(path))
+
+
+def _as_cache(cache: bool | str | os.PathLike | PromptCache | None) -> PromptCache | None:
     if cache is True:
-        cache = PromptCache()
-    elif cache is False or cache is None:
-        cache = None
-    elif not isinstance(cache, PromptCache):
-        cache = PromptCache(cache)
-    return TextEncoder(model, tok, device=device, cache=cache, identity=file_identity(files), source=str(path))
+        return PromptCache()
+    if cache is False or cache is None:
+        return None
+    return cache if isinstance(cache, PromptCache) else PromptCache(cache)
+
+
+def cached_embeddings(
+    weights: str | os.PathLike,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    cache: bool | str | os.PathLike | PromptCache = True,
+) -> list[torch.Tensor] | None:
+    """The embeddings `load_text_encoder(weights, ...).encode(prompts)` would give, read
+    from the prompt cache without loading the encoder (CPU tensors); None unless every
+    prompt is there. The long-prompt warning is given only on success: on None the
+    encoder will run and give it."""
+    cache = _as_cache(cache)
+    if cache is None:
+        return None
+    try:
+        identity = file_identity(_weight_files(Path(weights).expanduser()))
+    except (OSError, ValueError):
+        return None  # the loader will say what is wrong with the file
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = tokenizer.ids(prompts)
+    out = []
+    for row in rows:
+        hit = cache.get(PromptCache.key(identity, row, dtype))
+        if hit is None or hit.shape[0] != len(row):
+            return None
+        out.append(hit)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
 
 
 def _check_complete(cfg: T5Config, shapes: dict, unknown: list[str], source: str) -> None:

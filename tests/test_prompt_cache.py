@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime.prompt_cache import PromptCache, default_cache_root
-from runtime.t5 import load_text_encoder
+from runtime.t5 import cached_embeddings, load_text_encoder
 from runtime.tokenizer import load_tokenizer
 
 
@@ -167,3 +167,16 @@ def test_default_root(monkeypatch, tmp_path):
     monkeypatch.delenv("WANRT_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert default_cache_root() == default_cache_root().home() / ".cache" / "wanrt"
+
+
+@pytest.mark.golden
+def test_lookup_without_loading_the_encoder(setup):
+    weights, tok, prompts, root = setup
+    assert cached_embeddings(weights, tok, prompts, dtype=torch.float32, cache=PromptCache(root)) is None
+    enc, _ = _load(weights, tok, PromptCache(root))
+    ref = enc.encode(prompts)
+    got = cached_embeddings(weights, tok, prompts, dtype=torch.float32, cache=PromptCache(root))
+    assert got is not None and all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert cached_embeddings(weights, tok, prompts + ["a new prompt"], dtype=torch.float32, cache=PromptCache(root)) is None
+    assert cached_embeddings(weights, tok, prompts, dtype=torch.bfloat16, cache=PromptCache(root)) is None
+    assert cached_embeddings(weights, tok, prompts, dtype=torch.float32, cache=False) is None
