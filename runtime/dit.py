@@ -196,11 +196,11 @@ class RMSNorm(nn.Module):
             for s in range(0, S, chunk):
                 e = min(S, s + chunk)
                 y = self(x[b, s:e])
-                if s < n_real:
-                    r = min(e, n_real)
-                    heads = y[: r - s].view(r - s, -1, 2 * freqs.shape[1])
-                    y[: r - s] = rotate(heads, freqs[s:r]).view(r - s, D)
-                x[b, s:e] = y
+                r = min(e, max(s, n_real))  # tokens [s, r) are real and get rotated
+                if r > s:
+                    x[b, s:r] = rotate(y[: r - s].view(r - s, -1, 2 * freqs.shape[1]), freqs[s:r]).view(r - s, D)
+                if e > r:
+                    x[b, r:e] = y[r - s :]
         return x
 
 
