@@ -41,7 +41,7 @@ from .rope import RopeTable, rotate
 
 # Elementwise float32/float64 work (norms, rope, modulation) runs over token chunks of
 # about this many values, so its temporaries stay small next to the activations.
-DEFAULT_CHUNK_VALUES = 1 << 24
+DEFAULT_CHUNK_VALUES = 1 << 23
 
 # Beyond this many runs of equal timesteps per sample, per-token tables are gathered
 # instead of walking the runs (arbitrary per-token t; TI2V has two runs).
