@@ -80,9 +80,22 @@ def _byte_tensor(data) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def quantize(x, ggml_type, *, threads: int | None = None, backend: str = "auto") -> torch.Tensor:
+def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    if not (isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.is_contiguous()):
+        raise ValueError(f"{what}: out must be a contiguous CPU tensor")
+    if out.dtype != dtype or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{what}: out is {out.dtype} {list(out.shape)}, expected {dtype} {list(shape)}")
+    return out
+
+
+def quantize(
+    x, ggml_type, *, threads: int | None = None, backend: str = "auto", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantize float values along their last dimension (a multiple of 32) to `ggml_type`
-    blocks; returns uint8 [..., row bytes], each row's blocks back to back."""
+    blocks; returns uint8 [..., row bytes], each row's blocks back to back (written into
+    `out` when given: reusing a buffer saves faulting in fresh pages)."""
     t = _block_type(ggml_type)
     n_threads = _n_threads(threads)
     native = _use_native(backend)
@@ -94,7 +107,7 @@ def quantize(x, ggml_type, *, threads: int | None = None, backend: str = "auto")
         row_bytes = row_nbytes(t, n_per_row)
     except ValueError as e:
         raise ValueError(f"cannot quantize a tensor of shape {list(x.shape)}: {e}") from None
-    out = torch.empty((*x.shape[:-1], row_bytes), dtype=torch.uint8)
+    out = _check_out(out, (*x.shape[:-1], row_bytes), torch.uint8, "quantize")
     if x.numel() == 0:
         return out
     if native:
@@ -113,9 +126,11 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
     threads: int | None = None,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode the bytes of a `ggml_type` tensor of torch `shape` to a CPU `dtype` tensor:
-    the float32 value, rounded once to `dtype` (exactly torch's `.to(dtype)`)."""
+    the float32 value, rounded once to `dtype` (exactly torch's `.to(dtype)`); written
+    into `out` when given."""
     t = _block_type(ggml_type)
     n_threads = _n_threads(threads)
     native = _use_native(backend)
@@ -131,12 +146,13 @@ def dequantize(
     data = _byte_tensor(data)
     if data.numel() != expected:
         raise ValueError(f"{t.name} tensor of shape {list(shape)} needs {expected} bytes, got {data.numel()}")
+    out = _check_out(out, shape, dtype, "dequantize")
     if data.numel() == 0:
-        return torch.empty(shape, dtype=dtype)
+        return out
     if native:
-        out = torch.empty(shape, dtype=dtype)
         n_per_row = shape[-1]
         n_rows = out.numel() // n_per_row
         _native.dequantize(t, data.data_ptr(), FLOAT_IDS[dtype], out.data_ptr(), n_rows, n_per_row, n_threads)
         return out
-    return torch.from_numpy(codecs_ref.dequantize(data.numpy(), t, shape)).to(dtype)
+    out.copy_(torch.from_numpy(codecs_ref.dequantize(data.numpy(), t, shape)))
+    return out

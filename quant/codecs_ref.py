@@ -44,12 +44,10 @@ def _finite_trunc(v: np.ndarray) -> np.ndarray:
 
 
 def _round_half_away(v: np.ndarray) -> np.ndarray:
-    """C's roundf (ties away from zero); rint rounds ties to even, so fix the ties.
-    v - rint(v) is exact, and so is v + 0.5*sign(v) on a tie."""
-    r = np.rint(v)
-    tie = np.abs(v - r) == np.float32(0.5)
-    r = np.where(tie, v + np.copysign(np.float32(0.5), v), r)
-    return np.where(np.isfinite(v), r, 0).astype(np.int32)
+    """C's roundf (ties away from zero) as int32: truncate v plus the float just below
+    0.5 with v's sign, which is exact for every float; non-finite give 0 as above."""
+    below_half = np.float32(np.nextafter(np.float32(0.5), np.float32(0)))
+    return _finite_trunc(v + np.copysign(below_half, v))
 
 
 def _first_zero_sign(blocks: np.ndarray, extreme: np.ndarray) -> np.ndarray:
