@@ -96,10 +96,10 @@ class Segment:
 
 def timestep_segments(t: torch.Tensor, batch: int, seq_len: int, device) -> tuple[torch.Tensor, list[Segment]]:
     """Distinct timesteps (float64 [U]) and the runs of tokens that use each.
-    `t` is [B] (one per sample), [B, seq_len] (per token) or a scalar."""
+    `t` is [B] (one per sample), [B, seq_len] (per token), or one value for all."""
     t = t.detach().to("cpu")
-    if t.dim() == 0:
-        t = t.expand(batch)
+    if t.numel() == 1 and t.dim() <= 1:  # one timestep for the whole batch (both CFG passes)
+        t = t.reshape(1).expand(batch)
     if t.dim() == 1:
         if t.numel() != batch:
             raise ValueError(f"t has {t.numel()} values for a batch of {batch}; pass [B] or [B, seq_len]")
@@ -306,10 +306,10 @@ class Block(nn.Module):
         mod = self.modulation.float().view(6, D) + ctx.time.e0
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(1)
 
-        # 1. self-attention on LN1(x)·(1 + scale) + shift
-        h = modulated_norm(x.view(-1, D), shift_sa, scale_sa, segs, st.dtype, self.eps, chunk)
-        y = self.self_attn(h.view(B, S, D), ctx)
-        del h
+        # 1. self-attention on LN1(x)·(1 + scale) + shift (handed over: freed once q, k, v exist)
+        y = self.self_attn(
+            modulated_norm(x.view(-1, D), shift_sa, scale_sa, segs, st.dtype, self.eps, chunk).view(B, S, D), ctx
+        )
         # 2. x += y·gate; the residual stream is float32 from here on
         if x.dtype != torch.float32:
             x = x.float()
@@ -426,7 +426,9 @@ class WanDiT(nn.Module):
         for i, u in enumerate(x):
             if u.dim() != 4 or u.shape[0] != cfg.in_dim:
                 have = f"{list(u.shape)}" + ("" if y is None else " after concatenating y")
-                raise ValueError(f"sample {i}: input of shape {have}, expected [{cfg.in_dim}, F, H, W] for this {cfg.model_type} model")
+                raise ValueError(
+                    f"sample {i}: input of shape {have}, expected [{cfg.in_dim}, F, H, W] for this {cfg.model_type} model"
+                )
             p = self.patch_embedding(u.to(self.device), dtype)  # [1, dim, F, H', W']
             grid = tuple(p.shape[2:])
             n = math.prod(grid)
