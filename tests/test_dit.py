@@ -244,3 +244,30 @@ def test_input_errors_are_clear(variant):
     else:
         with pytest.raises(ValueError, match="expected \\["):
             m(x, t, context, seq_len, y=[torch.zeros(20, *x[0].shape[1:])])
+
+
+@pytest.fixture
+def exact_float32_cuda():
+    """TF32 off for the float32 GPU comparison (cuDNN convolutions default to TF32)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.golden
+def test_cuda_float32_and_bf16(variant, exact_float32_cuda):
+    bf16 = load_file(str(variant.folder / "bf16_reference.safetensors"))
+    heads = variant.config["num_heads"]
+    for dtype in (torch.float32, torch.bfloat16):
+        m = load_dit(variant.folder / "weights.safetensors", num_heads=heads, dtype=dtype, device="cuda")
+        for case in variant.cases:
+            x, t, context, seq_len, y = variant.inputs(case)
+            out = m(x, t.cuda(), context, seq_len, y=y)
+            for i, ref in enumerate(variant.outputs(case)):
+                got = out[i].cpu()
+                if dtype == torch.float32:
+                    assert max_abs(got, ref) <= FP32_MAX_ABS, (case, i)
+                else:
+                    assert rel_l2(got, bf16[f"{case}.out_autocast_bf16.{i}"]) <= BF16_REL_L2, (case, i)
