@@ -546,9 +546,13 @@ class Pipeline:
                 if c is not None and c.shape[1] != config.text_dim:
                     raise ValueError(f"{what} has width {c.shape[1]}; these experts take text embeddings of "
                                      f"width {config.text_dim}")
+        size = prepared.size
         for n in notes:
             self.log(n)
-        size = prepared.size
+        low_g, high_g = sampling.guide_scale
+        self.log(f"video {size.width}x{size.height}, {frames} frames; {sampling.steps} {sampling.sampler} steps, "
+                 f"shift {sampling.shift:g}, guide scale {high_g:g} (high noise) / {low_g:g} (low noise)"
+                 f"{'' if sampling.uses_cfg else ', no CFG'}; seed {seed}")
         f_lat = latent_frames(frames)
         pt, ph, pw = config.patch_size
         seq_len = f_lat * size.lat_h * size.lat_w // (pt * ph * pw)
