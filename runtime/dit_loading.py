@@ -68,10 +68,15 @@ def load_dit(
     dtype: torch.dtype = torch.float32,
     expect: str | None = None,
     num_heads: int | None = None,
+    load_blocks: bool = True,
 ) -> WanDiT:
     """A ready WanDiT from a file, folder or list of shard files. `dtype` is the compute
     dtype (float32, or bfloat16 = the official bf16 autocast numerics); `expect` in
-    {None, "i2v", "t2v", "ti2v"} refuses a checkpoint of another kind."""
+    {None, "i2v", "t2v", "ti2v"} refuses a checkpoint of another kind.
+
+    `load_blocks=False` leaves every tensor of `model.blocks` on the meta device, in its
+    stored type and shape (packed weights as meta uint8 bytes with their ggml_type), for
+    a streaming engine to fill from the file; everything else is loaded to `device`."""
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
     if expect is not None and expect not in EXPECT:
@@ -83,7 +88,10 @@ def load_dit(
             check_expected(plan.config, expect, ckpt.path)
         model = WanDiT(plan.config, ComputeSettings(dtype=dtype, attention=resolve_kernel(None)), device="meta")
         for name in expected_shapes(plan.config):
-            _place(model, name, ckpt.load(name), plan.scales.get(name), ckpt, dtype=dtype, device=device)
+            if not load_blocks and name.startswith("blocks."):
+                _place_meta(model, name, ckpt, plan.scales.get(name))
+            else:
+                _place(model, name, ckpt.load(name), plan.scales.get(name), ckpt, dtype=dtype, device=device)
         model.fingerprint = _fingerprint(model)
     model.source = str(ckpt.path)
     model.expert = ckpt.expert
@@ -266,6 +274,25 @@ def _place(model: WanDiT, name: str, value, scale_name, ckpt: Checkpoint, *, dty
     setattr(module, attr, value.to(device))
 
 
+def _meta(ckpt: Checkpoint, name: str):
+    info = ckpt.info(name)
+    if info.dtype is None:  # a block format
+        return PackedTensor(torch.empty(info.nbytes, dtype=torch.uint8, device="meta"), info.ggml_type, info.shape)
+    return torch.empty(info.shape, dtype=info.dtype, device="meta")
+
+
+def _place_meta(model: WanDiT, name: str, ckpt: Checkpoint, scale_name) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    value = _meta(ckpt, name)
+    if isinstance(module, QLinear) and attr == "weight":
+        module.set_weight(value, _meta(ckpt, scale_name) if scale_name else None)
+    elif isinstance(value, PackedTensor):
+        setattr(module, attr, torch.empty(value.shape, dtype=torch.float32, device="meta"))
+    else:
+        setattr(module, attr, value)
+
+
 def _linear_weight(name: str, value, dtype, device):
     """Packed and fp8 weights stay as stored; 16-bit weights stay 16-bit; a float32 weight
     of a linear that computes in a 16-bit dtype is narrowed now, exactly as autocast would
@@ -283,10 +310,10 @@ def _linear_weight(name: str, value, dtype, device):
 
 
 def _fingerprint(model: WanDiT) -> str:
-    """Identifies the weights (not their storage format): a hash of the modulation tables,
-    which no tool quantizes."""
+    """Identifies the weights whatever their block format: a hash of small tensors outside
+    the blocks that converters keep as they are."""
     h = hashlib.sha1()
-    for t in (model.head.modulation, model.blocks[0].modulation if len(model.blocks) else model.head.modulation):
+    for t in (model.head.modulation, model.patch_embedding.bias):
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 

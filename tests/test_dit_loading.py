@@ -306,3 +306,21 @@ def test_missing_extra_and_misshapen_tensors_are_listed(tmp_path, tiny):
 def test_unsupported_compute_dtype():
     with pytest.raises(ValueError, match="compute dtype"):
         load_dit("anything.gguf", dtype=torch.float16)
+
+
+@pytest.mark.golden
+def test_blocks_left_on_meta_for_a_streaming_engine(tiny, tiny_heads, ref):
+    gguf = tiny / "wan_tiny-Q4_0.gguf"
+    lazy = load_dit(gguf, num_heads=tiny_heads, load_blocks=False)
+    full = load_dit(gguf, num_heads=tiny_heads)
+    for (name, a), (_, b) in zip(lazy.blocks.named_buffers(), full.blocks.named_buffers()):
+        assert a.device.type == "meta" and (a.dtype, a.shape) == (b.dtype, b.shape), name
+    assert lazy.blocks[0].ffn[2].ggml_type == full.blocks[0].ffn[2].ggml_type == GGMLType.Q4_1
+    assert all(t.device.type == "cpu" for n, t in lazy.named_buffers() if not n.startswith("blocks."))
+    # Filling the buffers from the file (what an engine does) gives the full model's output.
+    for block_l, block_f in zip(lazy.blocks, full.blocks):
+        for mod_l, mod_f in zip(block_l.modules(), block_f.modules()):
+            for key, buf in mod_f._buffers.items():
+                if buf is not None:
+                    mod_l._buffers[key] = buf
+    assert torch.equal(forward(lazy, ref), forward(full, ref))
