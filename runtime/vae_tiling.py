@@ -1,0 +1,189 @@
+"""Spatial tiling for the VAEs, and the memory estimate that chooses it.
+
+Time chunking is exact (the feature cache carries the causal context), so only space is
+tiled: overlapping latent tiles, each run through all time chunks with its own cache, are
+blended with linear ramps across their overlaps into one preallocated output. Tiling is
+not exact (the middle attention sees the whole frame and the stacked 3x3 convs see far),
+so overlaps are generous (default 8 latent pixels) and the result is compared with the
+untiled one in the tests.
+
+The estimate: device memory of one encode or decode is weights + input/output buffers +
+per tile (feature cache + activations). Cache and activations scale with the tile area;
+per latent pixel they are read off the model's widths and levels
+(`vae_blocks.working_set_per_latent_px`).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .vae_blocks import CausalVAE, VAEConfig, working_set_per_latent_px
+
+DEFAULT_OVERLAP = 8  # latent pixels
+# Live activations at the peak, in units of the largest single activation of a chunk
+# (a block's input, its shortcut, its conv buffer and output, plus the stage input the
+# per-frame loop keeps); checked against a live-tensor count in tests/test_vae_tiling.py.
+ACTIVATION_FACTOR = 4.0
+# cuDNN workspaces and allocator rounding.
+MARGIN_FRACTION = 0.08
+MARGIN_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Latent spans along height and width; one tile per (y span, x span)."""
+
+    spans_y: tuple[tuple[int, int], ...]
+    spans_x: tuple[tuple[int, int], ...]
+
+    @property
+    def tiled(self) -> bool:
+        return len(self.spans_y) * len(self.spans_x) > 1
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        return (max(b - a for a, b in self.spans_y), max(b - a for a, b in self.spans_x))
+
+    def __len__(self) -> int:
+        return len(self.spans_y) * len(self.spans_x)
+
+    def tiles(self):
+        """(index y, span y, index x, span x) for every tile."""
+        for iy, sy in enumerate(self.spans_y):
+            for ix, sx in enumerate(self.spans_x):
+                yield iy, sy, ix, sx
+
+
+def spans(size: int, tile: int, overlap: int) -> tuple[tuple[int, int], ...]:
+    """Cover [0, size) with the fewest tiles of at most `tile` that overlap by at least
+    `overlap`; tiles are shrunk to the smallest equal size that does it and spread evenly."""
+    if tile >= size:
+        return ((0, size),)
+    if tile <= overlap:
+        raise ValueError(f"tile {tile} must be larger than the overlap {overlap} (latent pixels)")
+    n = -(-(size - overlap) // (tile - overlap))
+    tile = -(-(size + (n - 1) * overlap) // n)
+    starts = [round(i * (size - tile) / (n - 1)) for i in range(n)]
+    return tuple((s, s + tile) for s in starts)
+
+
+def plan_tiles(height: int, width: int, tile: int | tuple[int, int] | None, overlap: int) -> TilePlan:
+    """Latent height/width and a tile size (None: one tile) -> TilePlan."""
+    if tile is None:
+        return TilePlan(((0, height),), ((0, width),))
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    return TilePlan(spans(height, th, overlap), spans(width, tw, overlap))
+
+
+def ramp_weights(all_spans, index: int, scale: int, device=None) -> torch.Tensor:
+    """Blend weight along one axis for tile `index`, at `scale` output pixels per latent
+    pixel. Across an overlap of L pixels with a neighbour the weight is 0 on the quarter
+    nearest this tile's edge (where the zero padding of its convs is felt most), rises
+    linearly over the middle half and is 1 on the far quarter; the neighbour's weight is
+    the mirror image, so the two add up to 1."""
+    a, b = all_spans[index]
+    n = (b - a) * scale
+    pos = torch.arange(n, dtype=torch.float32, device=device) + 0.5
+    w = torch.ones(n, dtype=torch.float32, device=device)
+    if index > 0:  # overlap with the previous tile at the start
+        w = torch.minimum(w, _ramp(pos, (all_spans[index - 1][1] - a) * scale))
+    if index + 1 < len(all_spans):  # and with the next one at the end
+        w = torch.minimum(w, _ramp(n - pos, (b - all_spans[index + 1][0]) * scale))
+    return w
+
+
+def _ramp(dist: torch.Tensor, overlap: int) -> torch.Tensor:
+    """0 .. 1 as `dist` (from the tile edge) crosses the middle half of the overlap."""
+    margin = overlap // 4
+    width = max(overlap - 2 * margin, 1)
+    return ((dist - margin) / width).clamp_(0, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _shape_model(config: VAEConfig) -> CausalVAE:
+    from .vae import build_model  # the model classes live there; building on meta is free
+
+    with torch.device("meta"):
+        return build_model(config)
+
+
+@functools.lru_cache(maxsize=32)
+def per_latent_pixel(config: VAEConfig, op: str) -> tuple[float, float, int]:
+    """(cache elements, largest activation elements, weight elements) of `op`."""
+    model = _shape_model(config)
+    part, latent_conv = (model.encoder, model.conv1) if op == "encode" else (model.decoder, model.conv2)
+    cache, largest = working_set_per_latent_px(part)
+    weights = sum(p.numel() for m in (part, latent_conv) for p in m.parameters())
+    return cache, largest, weights
+
+
+def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
+                 tile: int | tuple[int, int] | None = None, dtype: torch.dtype = torch.float32,
+                 overlap: int = DEFAULT_OVERLAP, input_on_device: bool = False) -> int:
+    """Estimated peak device memory, in bytes, of encoding a [3, frames, height, width]
+    video or decoding the latent of one, with spatial tiles of `tile` latent pixels (None:
+    untiled) and weights/activations in `dtype`. Outputs are float32 on the device; the
+    encoder's input video is counted only when `input_on_device`."""
+    if op not in ("encode", "decode"):
+        raise ValueError(f"op must be 'encode' or 'decode', not {op!r}")
+    st, sh, sw = config.stride
+    lat_f, lat_h, lat_w = 1 + (frames - 1) // st, height // sh, width // sw
+    plan = plan_tiles(lat_h, lat_w, tile, overlap)
+    th, tw = plan.tile
+    item = torch.empty((), dtype=dtype).element_size()
+    cache, largest, weights = per_latent_pixel(config, op)
+    working = (cache + ACTIVATION_FACTOR * largest) * th * tw * item
+    pixels = 3 * frames * height * width
+    latent = config.z_dim * lat_f * lat_h * lat_w
+    if op == "encode":
+        io = latent * 4 + (pixels * 4 if input_on_device else 0)
+        io += 3 * st * th * tw * sh * sw * item  # one chunk of the tile's pixels
+        io += lat_h * lat_w * 4 if plan.tiled else 0  # blend weight sum
+    else:
+        io = pixels * 4 + latent * (4 + item)
+        io += height * width * 4 if plan.tiled else 0
+    total = weights * item + io + working
+    return int(total * (1 + MARGIN_FRACTION) + MARGIN_BYTES)
+
+
+def choose_tile(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
+                budget: int, dtype: torch.dtype = torch.float32, overlap: int = DEFAULT_OVERLAP,
+                input_on_device: bool = False) -> tuple[int, int] | None:
+    """The tiling that fits `budget` bytes with the least computed area (then the fewest
+    tiles): None when the whole frame fits. Raises MemoryError when even small tiles do not."""
+    _, sh, sw = config.stride
+    lat_h, lat_w = height // sh, width // sw
+
+    def fits(tile) -> bool:
+        return memory_bytes(config, op, frames, height, width, tile=tile, dtype=dtype,
+                            overlap=overlap, input_on_device=input_on_device) <= budget
+
+    if fits(None):
+        return None
+    smallest = 2 * overlap + 1
+    best = None
+    for ny in range(1, lat_h + 1):
+        th = spans(lat_h, -(-(lat_h + (ny - 1) * overlap) // ny), overlap)
+        if len(th) != ny or (ny > 1 and th[0][1] - th[0][0] < smallest):
+            continue
+        for nx in range(1, lat_w + 1):
+            tw = spans(lat_w, -(-(lat_w + (nx - 1) * overlap) // nx), overlap)
+            if len(tw) != nx or (nx > 1 and tw[0][1] - tw[0][0] < smallest):
+                continue
+            tile = (th[0][1] - th[0][0], tw[0][1] - tw[0][0])
+            if not fits(tile):
+                continue
+            cost = (ny * tile[0] * nx * tile[1], ny * nx)
+            if best is None or cost < best[0]:
+                best = (cost, tile)
+            break  # more columns only cost more area
+    if best is None:
+        need = memory_bytes(config, op, frames, height, width, tile=(smallest, smallest), dtype=dtype,
+                            overlap=overlap, input_on_device=input_on_device)
+        raise MemoryError(
+            f"VAE {op} of {frames}x{height}x{width} does not fit a budget of {budget / 2**30:.2f} GiB "
+            f"even with {smallest}x{smallest} latent tiles (about {need / 2**30:.2f} GiB); "
+            f"use dtype=torch.bfloat16, a smaller overlap, or a larger budget")
+    return best[1]
