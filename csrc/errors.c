@@ -24,7 +24,7 @@ const char *wanrt_last_error(void) { return last_error; }
 #endif
 
 const char *wanrt_build_info(void) {
-    static char info[512];
+    static _Thread_local char info[512];
     if (!info[0]) {
 #if defined(__x86_64__) && WANRT_HAS_CLONES
         const char *simd = __builtin_cpu_supports("avx2") ? "avx2 (runtime clone)" : "baseline (this CPU lacks avx2)";
