@@ -263,13 +263,16 @@ def check_expected(config: DiTConfig, expect: str, where) -> None:
 def _place(model: WanDiT, name: str, value, scale_name, ckpt: Checkpoint, *, dtype, device) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    fp8 = not isinstance(value, PackedTensor) and value.dtype in FP8_TYPES
+    scale = ckpt.load(scale_name).float() if scale_name else torch.ones(()) if fp8 else None  # plain fp8: scale 1
     if isinstance(module, QLinear) and attr == "weight":
-        scale = ckpt.load(scale_name) if scale_name else None
         module.set_weight(_linear_weight(name, value, dtype, device), None if scale is None else scale.to(device))
         return
     if isinstance(value, PackedTensor):  # a small tensor some tool quantized: decode once
         value = value.dequantize(torch.float32)
-    elif value.dtype in FP8_TYPES or not value.dtype.is_floating_point:
+    elif fp8:
+        value = value.to(torch.float32) * scale.reshape(-1, *([1] * (value.dim() - 1)))  # one scale, or one per row
+    elif not value.dtype.is_floating_point:
         value = value.to(torch.float32)
     setattr(module, attr, value.to(device))
 

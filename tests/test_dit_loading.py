@@ -198,6 +198,26 @@ def test_comfyui_scaled_fp8(tmp_path, tiny, tiny_heads, ref, style):
 
 
 @pytest.mark.golden
+def test_plain_fp8_and_scaled_non_linear_tensors(tmp_path, tiny, tiny_heads, ref):
+    """fp8 weights without a scale (older fp8_e4m3fn files) have scale 1; a scaled fp8
+    tensor outside the linears (the patch embedding) is decoded once at load."""
+    source = load_file(str(tiny / "wan_tiny.safetensors"))
+    stored, dense = dict(source), dict(source)
+    for n, w in source.items():
+        if n.startswith("blocks.0.") and n.endswith(".weight") and w.dim() == 2:
+            stored[n] = w.to(torch.float8_e4m3fn)
+            dense[n] = stored[n].float()
+    w8, s = _fp8(source["patch_embedding.weight"])
+    stored["patch_embedding.weight"], stored["patch_embedding.scale_weight"] = w8, s.reshape(1)
+    dense["patch_embedding.weight"] = w8.float() * s
+    save_file(stored, str(tmp_path / "fp8.safetensors"))
+    save_file(dense, str(tmp_path / "dense.safetensors"))
+    got = forward(load_dit(tmp_path / "fp8.safetensors", num_heads=tiny_heads), ref)
+    expected = forward(load_dit(tmp_path / "dense.safetensors", num_heads=tiny_heads), ref)
+    assert max_abs(got, expected) <= 1e-5
+
+
+@pytest.mark.golden
 def test_bf16_compute_keeps_weights_compact(tiny, tiny_heads):
     m = load_dit(tiny / "wan_tiny.safetensors", num_heads=tiny_heads, dtype=torch.bfloat16)
     assert m.blocks[0].ffn[0].weight.dtype == torch.bfloat16  # narrowed as autocast would at each use
