@@ -11,7 +11,8 @@ CFG pair run as batch 1 and as batch 2. Reported: median time of the block forwa
 (CUDA events, after warm-up), TFLOP/s of its matmuls and attention, the ratio to bf16 in
 the same run, the time to decode the block's weights alone (GB/s of stored bytes), peak
 memory from the allocator (allocated and reserved) and from the driver
-(torch.cuda.mem_get_info), and the SDPA backend that ran.
+(torch.cuda.mem_get_info), the SDPA backend that ran and how far its output is from
+flash attention's on the same random q/k/v (JSON only).
 
 Part 2, the whole 40-block expert all-resident at 480p (q8_0, and bf16 for reference):
 one forward against the official figure on the same GPU (3.88 s and 40.9 GiB peak with
@@ -208,6 +209,29 @@ def release() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def attention_agreement(tokens: int, head_dim: int, device, heads: int = 4) -> float | None:
+    """rel_l2 of the attention the bench uses against flash attention (or the math kernel)
+    on random bf16 q/k/v of this length: a wrong fast kernel would show here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from runtime.attention import sdpa
+
+    if device.type != "cuda":
+        return None
+    gen = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(1, tokens, heads, head_dim, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    out = sdpa(q, k, v).float()
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            break
+        except RuntimeError:
+            continue
+    ref = ref.transpose(1, 2).float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
 # ---- part 1: one block -------------------------------------------------------------------
 
 
@@ -260,6 +284,7 @@ def bench_block(size: Size, kind: str, res: str, batch: int, device, runs: int, 
         decode_seconds=decode,
         decode_gbps=None if decode is None else weight_bytes / decode / 1e9,
         attention=attention if attention != "sdpa" else sdpa_backend_name(device, torch.bfloat16, cfg.head_dim),
+        attention_rel_l2_vs_flash=attention_agreement(tokens, cfg.head_dim, device) if batch == 1 else None,
         **mem,
     )
     if mem:

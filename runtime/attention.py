@@ -79,8 +79,8 @@ def sage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from sageattention import sageattn  # imported here: optional dependency
 
     dtype = q.dtype
-    if dtype not in (torch.float16, torch.bfloat16):
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q, k, v = (t.to(half).contiguous() for t in (q, k, v))  # its kernels want dense inputs
     out = sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=1.0 / math.sqrt(q.shape[-1]))
     return out.to(dtype)
 
