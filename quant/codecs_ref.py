@@ -37,17 +37,22 @@ def _fp16_at(blocks: np.ndarray, start: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, start : start + 2]).view("<f2").astype(np.float32)
 
 
-def _finite_trunc(v: np.ndarray) -> np.ndarray:
-    """C's (int) truncation for the finite values; non-finite give 0, the low byte of
-    what x86 returns for them (INT_MIN), as the native code does."""
-    return np.where(np.isfinite(v), np.trunc(v), 0).astype(np.int32)
+def _trunc(v: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """C's (int) truncation toward zero, as int32. Non-finite values can only occur in
+    the blocks flagged `bad`; there they give 0, the low byte of what x86 returns for
+    them (INT_MIN), as the native code does on every platform."""
+    with np.errstate(invalid="ignore"):
+        q = v.astype(np.int32)
+    if bad.any():
+        q[bad] = np.where(np.isfinite(v[bad]), q[bad], 0)
+    return q
 
 
-def _round_half_away(v: np.ndarray) -> np.ndarray:
+def _round_half_away(v: np.ndarray, bad: np.ndarray) -> np.ndarray:
     """C's roundf (ties away from zero) as int32: truncate v plus the float just below
-    0.5 with v's sign, which is exact for every float; non-finite give 0 as above."""
+    0.5 with v's sign, which is exact for every float."""
     below_half = np.float32(np.nextafter(np.float32(0.5), np.float32(0)))
-    return _finite_trunc(v + np.copysign(below_half, v))
+    return _trunc(v + np.copysign(below_half, v), bad)
 
 
 def _first_zero_sign(blocks: np.ndarray, extreme: np.ndarray) -> np.ndarray:
@@ -74,8 +79,11 @@ def _pack_high_bits(q: np.ndarray) -> np.ndarray:
 
 
 def _encode_q8_0(x: np.ndarray) -> np.ndarray:
-    d = np.abs(x).max(axis=1) / np.float32(127)
-    q = _round_half_away(x * _reciprocal(d)[:, None])
+    amax = np.abs(x).max(axis=1)
+    d = amax / np.float32(127)
+    id_ = _reciprocal(d)
+    bad = ~(np.isfinite(amax) & np.isfinite(id_))  # blocks where x*id may be non-finite
+    q = _round_half_away(x * id_[:, None], bad)
     return np.concatenate([_fp16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=1)
 
 
@@ -83,10 +91,13 @@ def _encode_symmetric(x: np.ndarray, half: int, top: int) -> tuple[np.ndarray, n
     """Q4_0/Q5_0: the element of largest magnitude (first on ties) maps to q = 0."""
     a = np.abs(x)
     i = a.argmax(axis=1)[:, None]
+    amax = np.take_along_axis(a, i, axis=1)[:, 0]
     extreme = np.take_along_axis(x, i, axis=1)[:, 0]
-    extreme[np.take_along_axis(a, i, axis=1)[:, 0] == 0] = 0  # all-zero block: +0, so d = -0
+    extreme[amax == 0] = 0  # all-zero block: +0, so d = -0
     d = extreme / np.float32(-half)
-    q = _finite_trunc(x * _reciprocal(d)[:, None] + np.float32(half + 0.5))
+    id_ = _reciprocal(d)
+    bad = ~(np.isfinite(amax) & np.isfinite(id_))
+    q = _trunc(x * id_[:, None] + np.float32(half + 0.5), bad)
     return d, np.minimum(q.astype(np.int8), top).astype(np.uint8)
 
 
@@ -94,8 +105,11 @@ def _encode_asymmetric(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray,
     """Q4_1/Q5_1: q = (x - min)/d with d = (max - min)/top."""
     lo = _first_zero_sign(x, x.min(axis=1))
     hi = _first_zero_sign(x, x.max(axis=1))
-    d = (hi - lo) / np.float32(top)
-    q = _finite_trunc((x - lo[:, None]) * _reciprocal(d)[:, None] + np.float32(0.5))
+    span = hi - lo
+    d = span / np.float32(top)
+    id_ = _reciprocal(d)
+    bad = ~(np.isfinite(span) & np.isfinite(id_))  # else every x - lo is finite too
+    q = _trunc((x - lo[:, None]) * id_[:, None] + np.float32(0.5), bad)
     return d, lo, np.minimum(q.astype(np.int8), top).astype(np.uint8)
 
 
