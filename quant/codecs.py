@@ -6,7 +6,8 @@
 Both are byte-identical to gguf-py's `gguf.quants` (see codecs_ref for the one
 sign-of-zero case where ggml's C loops are followed). `backend="native"` runs the C
 library over `threads` threads (None: every CPU), `"reference"` the numpy twin,
-`"auto"` the native one when it is built. Everything runs on the CPU.
+`"auto"` the native one when it is built. Everything runs on the CPU; `out=` takes a
+preallocated result buffer (reusing one saves faulting in fresh pages on every call).
 """
 from __future__ import annotations
 
