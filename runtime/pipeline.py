@@ -538,9 +538,10 @@ class Pipeline:
             to_encode = [prompt] if pos is None else []
             if sampling.uses_cfg and neg is None:
                 to_encode.append(negative_prompt)
-            if to_encode:
-                self.files.require("text_encoder", "tokenizer")
-            self.files.require("vae")
+            needed = ["vae"] + (["text_encoder", "tokenizer"] if to_encode else [])
+            if getattr(self.experts, "config", None) is None:
+                needed = ["high_noise", "low_noise"] + needed
+            self.files.require(*needed)  # every missing file named at once
             config = self._check_experts()
             for c, what in ((pos, "context"), (neg, "negative_context")):
                 if c is not None and c.shape[1] != config.text_dim:
