@@ -222,7 +222,8 @@ class PinnedBuffer:
         self.tensor = raw[skip : skip + self.nbytes]
         self.pinned = False
         if pin and torch.cuda.is_available() and self.nbytes:
-            err = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0))
+            # cudaHostRegisterPortable: pinned for every context, whichever thread registers
+            err = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 1))
             if err != 0:
                 raise RuntimeError(
                     f"could not page-lock {self.nbytes / 2**20:.0f} MiB of host memory (cudaError {err}); "
@@ -379,7 +380,7 @@ class StagingReader:
         self._event: list = [None] * slots
         # one "copy out of this buffer done" event per buffer, recorded by the compute
         # thread's copy and waited on here only
-        self.done_events = [torch.cuda.Event() for _ in range(slots)] if events else None
+        self.done_events = [torch.cuda.Event(blocking=True) for _ in range(slots)] if events else None
         self._ready: list[int] = []
         self._next = 0
         self._pos = 0  # position in `order` of the next block to become ready

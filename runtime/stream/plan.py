@@ -335,7 +335,17 @@ def plan_blocks(
     from .budget import parse_memory
 
     vram, ram = parse_memory(vram, "--vram"), parse_memory(ram, "--ram")
-    info = _device_info(device, vram)
+    return _plan(
+        weights, activation, chunk_options, flops_per_block, scratch_bytes, vram, ram, _device_info(device, vram),
+        prefetch_depth, staging_slots, resident, title,
+    )
+
+
+def _plan(
+    weights, activation, chunk_options, flops_per_block, scratch_bytes, vram, ram, info: DeviceInfo,
+    prefetch_depth, staging_slots, resident, title,
+) -> Plan:
+    """plan_blocks with the budgets parsed (AUTO or bytes) and the device measured."""
     room = info.room(vram)
     n = len(weights.block_bytes)
     sizes = weights.block_bytes
@@ -468,14 +478,16 @@ def dit_activation_bytes(
     stream x (4·T·dim) throughout; each phase of a block adds (as the code allocates):
       self-attention   h, q, k, v and the attention output: 5·e·T·dim (h stays alive
                        while the block's call into the attention runs); chunking by heads
-                       adds the output buffer and per-chunk copies of q, k, v
-      cross-attention  LN3(x), q, the attention output, its reshaped copy: 4·e·T·dim
+                       adds one chunk's result (it bounds only a kernel's own workspace)
+      cross-attention  LN3(x), q, the attention output, its reshaped copy, the
+                       projection: 4·e·T·dim
       FFN              per chunk of c tokens: e·c·(dim + ffn_dim)
       head             LN(x)·(1+scale)+shift in float32: 4·T·dim
     block 0 also holds the bf16 patch tokens (e·T·dim) once x becomes float32; elementwise
     work (norms in float32, rope in float64) runs over chunks of `chunk_values` values with
-    ELEMENTWISE_BYTES_PER_VALUE bytes of temporaries each; the text context (e·batch·
-    text_len·dim), its k/v and the rope tables (2 float64 [tokens, head_dim/2]) persist."""
+    ELEMENTWISE_BYTES_PER_VALUE bytes of temporaries each; cross-attention adds the text
+    k/v (2·e·batch·text_len·dim); the text context (e·batch·text_len·dim) and the rope
+    table (complex128 [tokens, head_dim/2]) persist."""
     T = batch * tokens
     td = T * dim
     e = dtype_bytes
@@ -483,14 +495,16 @@ def dit_activation_bytes(
     elementwise = ELEMENTWISE_BYTES_PER_VALUE * min(chunk_values, tokens * dim)
     attn = 5 * e * td
     if head_chunk is not None and head_chunk < heads:
-        share = head_chunk / heads
-        attn += e * td + 4 * e * td * share  # output buffer; per chunk: result + q/k/v slices
+        attn += e * td * head_chunk / heads  # a chunk's result before it joins the output
     self_attn = x + max(attn, 3 * e * td + elementwise)
-    cross = x + e * td + 4 * e * td  # block 0 still holds the bf16 patch tokens
+    text = e * batch * text_len * dim
+    # block 0 still holds the bf16 patch tokens; LN3(x), q, the output (and the text k/v
+    # during the attention, its reshaped copy and the projection after)
+    cross = x + e * td + max(4 * e * td, 3 * e * td + 2 * text)
     c = T if ffn_chunk is None else min(T, ffn_chunk)
     ffn = x + e * td + e * c * (dim + ffn_dim) + elementwise
     head = x + 4 * td + elementwise
-    persistent = e * batch * text_len * dim * 3 + 2 * tokens * (dim // heads // 2) * 8
+    persistent = text + tokens * (dim // heads // 2) * 16
     return max(self_attn, cross, ffn, head) + persistent
 
 
@@ -541,15 +555,17 @@ def plan_dit(
             text_len=config.text_len, batch=req.batch, dtype_bytes=e, ffn_chunk=f, head_chunk=h,
             chunk_values=chunk_values,
         )
-        return plan_blocks(
-            w, activation=act, chunk_options=dit_chunk_options(tokens, req.batch, config.num_heads),
-            flops_per_block=dit_flops_per_block(
-                dim=config.dim, ffn_dim=config.ffn_dim, tokens=tokens, text_len=config.text_len, batch=req.batch
-            ),
-            scratch_bytes=dit_scratch_bytes(config.dim, config.ffn_dim), vram=vram, ram=ram, device=info,
-            prefetch_depth=prefetch_depth, staging_slots=staging_slots, resident=resident,
-            title=f"{req.describe()} ({tokens:,} tokens × {req.batch}, {str(req.dtype).replace('torch.', '')}), "
-            f"{len(w.block_bytes)} blocks of {w.largest / MiB:.0f} MiB {w.label}".rstrip(),
+        flops = dit_flops_per_block(
+            dim=config.dim, ffn_dim=config.ffn_dim, tokens=tokens, text_len=config.text_len, batch=req.batch
+        )
+        title = (
+            f"{req.describe()} ({tokens:,} tokens × {req.batch}, {str(req.dtype).replace('torch.', '')}), "
+            f"{len(w.block_bytes)} blocks of {w.largest / MiB:.0f} MiB {w.label}".rstrip()
+        )
+        return _plan(
+            w, act, dit_chunk_options(tokens, req.batch, config.num_heads), flops,
+            dit_scratch_bytes(config.dim, config.ffn_dim), vram, ram, info, prefetch_depth, staging_slots, resident,
+            title,
         )
 
     from .budget import parse_memory
