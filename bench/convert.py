@@ -36,15 +36,20 @@ DIM, FFN, TEXT_DIM, FREQ_DIM, IN_DIM, OUT_DIM = 5120, 13824, 4096, 256, 36, 16
 
 # The child measures its own peak RSS (ru_maxrss is per process) and time inside convert().
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys
 from quant.convert import ConvertOptions, convert
 from quant.ggml_types import parse_type
+
+def status(key):  # VmHWM is this process's own peak; ru_maxrss would include the parent's at fork
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
 src, out, type_name, report = sys.argv[1:5]
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss0 = status("VmRSS")
 r = convert(src, out, ConvertOptions(type=parse_type(type_name), force=True, progress=False))
 json.dump({"seconds": r.seconds, "source_bytes": r.source_bytes, "output_bytes": r.output_bytes,
-           "rss_before_bytes": rss0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-          open(report, "w"))
+           "rss_before_bytes": rss0, "peak_rss_bytes": status("VmHWM")}, open(report, "w"))
 """
 
 

@@ -63,7 +63,7 @@ class _Store:
     path: Path
     infos: dict[str, TensorInfo]
 
-    def read(self, raw_name: str):
+    def read(self, raw_name: str, buffer: torch.Tensor | None = None):
         raise NotImplementedError
 
     def close(self) -> None:
@@ -83,8 +83,8 @@ class _SafetensorsStore(_Store):
             for n, e in self.file.entries.items()
         }
 
-    def read(self, raw_name: str) -> torch.Tensor:
-        return self.file.read(raw_name)
+    def read(self, raw_name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return self.file.read(raw_name, buffer)
 
     def close(self) -> None:
         self.file.close()
@@ -103,8 +103,8 @@ class _GGUFStore(_Store):
             for n, t in self.file.tensors.items()
         }
 
-    def read(self, raw_name: str) -> torch.Tensor | PackedTensor:
-        return self.file.load(raw_name)
+    def read(self, raw_name: str, buffer: torch.Tensor | None = None) -> torch.Tensor | PackedTensor:
+        return self.file.load(raw_name)  # a view of the file mapping already
 
     def close(self) -> None:
         self.file.close()
@@ -123,8 +123,8 @@ class _PthStore(_Store):
             for n, t in self.tensors.items()
         }
 
-    def read(self, raw_name: str) -> torch.Tensor:
-        return self.tensors[raw_name]
+    def read(self, raw_name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tensors[raw_name]  # memory-mapped (zip format) or already in memory
 
     def close(self) -> None:
         self.tensors = {}
@@ -157,9 +157,13 @@ class Checkpoint:
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r} ({len(self._infos)} tensors)") from None
 
-    def load(self, name: str) -> torch.Tensor | PackedTensor:
+    def load(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor | PackedTensor:
+        """The tensor as stored. `buffer` (a 1-D uint8 CPU tensor of at least
+        `info(name).nbytes`) lets a caller reuse memory: tensors read from a file are
+        read into it and the result views it; formats that return views of a mapping
+        ignore it."""
         info = self.info(name)
-        return self._stores[name].read(info.source_name)
+        return self._stores[name].read(info.source_name, buffer)
 
     def describe(self) -> str:
         what = wan_names.KIND_DESCRIPTIONS[self.kind]

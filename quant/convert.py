@@ -36,7 +36,7 @@ import torch
 
 from . import codecs
 from .checkpoint import EXPERTS, Checkpoint, CheckpointError, open_checkpoint
-from .ggml_types import FLOAT_TYPES, LEGACY_QUANTS, GGMLType, parse_type
+from .ggml_types import FLOAT_TYPES, LEGACY_QUANTS, GGMLType, parse_type, row_nbytes, tensor_nbytes
 from .gguf_writer import GGUFWriter
 from .packed import PackedTensor
 from .safetensors_io import TensorToWrite, write_safetensors
@@ -176,14 +176,26 @@ def _head_count(ckpt: Checkpoint, options: ConvertOptions, notes: list[str]) -> 
 
 
 class _TensorFeed:
-    """Makes each tensor's bytes on demand, reading the next tensor in a background
-    thread meanwhile, and drives the progress bar over source bytes."""
+    """Makes each tensor's bytes on demand. While the writer writes tensor i, a
+    background thread already reads and quantizes tensor i+1 (file I/O and the native
+    codec release the GIL), so reading, quantizing and writing overlap.
+
+    Memory is reused: tensor i is read into, and encoded into, the buffers of slot
+    i % 2. Fresh memory costs a page fault and a zeroed page per 4 KiB, which on a
+    busy machine is slower than the conversion itself. Slot reuse is safe because
+    tensor i+2 is only started from the writer's request for tensor i+1, after the
+    bytes of tensor i were written."""
 
     def __init__(self, ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions, total: int, label: str):
         self.ckpt, self.plans, self.options = ckpt, plans, options
         self.order = {p.name: i for i, p in enumerate(plans)}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-ahead")
         self.pending: dict[int, Future] = {}
+        self.read_size = max((ckpt.info(p.name).nbytes for p in plans), default=0)
+        self.out_size = max((tensor_nbytes(p.ggml_type, p.shape) for p in plans), default=0)
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}
+        # The writer keeps one core busy copying into the page cache; the codec gets the rest.
+        self.threads = options.threads or max(1, (os.cpu_count() or 1) - 1)
         self.bar = None
         if options.progress:
             from tqdm import tqdm
@@ -192,21 +204,27 @@ class _TensorFeed:
                             dynamic_ncols=True)
 
     def producer(self, plan: TensorPlan) -> Callable[[], torch.Tensor]:
-        return lambda: self._produce(plan)
+        return lambda: self._produce(self.order[plan.name])
 
-    def _load(self, i: int) -> Future:
-        fut = self.pending.pop(i, None)
-        if fut is None:
-            fut = self.pool.submit(self.ckpt.load, self.plans[i].name)
-        if i + 1 < len(self.plans) and i + 1 not in self.pending:
-            self.pending[i + 1] = self.pool.submit(self.ckpt.load, self.plans[i + 1].name)
-        return fut
+    def _buffer(self, role: str, slot: int, size: int) -> torch.Tensor:
+        key = (role, slot)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(size, dtype=torch.uint8)
+        return self.buffers[key]
 
-    def _produce(self, plan: TensorPlan) -> torch.Tensor:
-        x = self._load(self.order[plan.name]).result()
-        data = tensor_bytes(plan, x, hooks=self.options.weight_hooks, threads=self.options.threads)
+    def _make(self, i: int) -> torch.Tensor:
+        plan, slot = self.plans[i], i % 2
+        x = self.ckpt.load(plan.name, buffer=self._buffer("read", slot, self.read_size))
+        out = self._buffer("out", slot, self.out_size)
+        return tensor_bytes(plan, x, hooks=self.options.weight_hooks, threads=self.threads, out=out)
+
+    def _produce(self, i: int) -> torch.Tensor:
+        fut = self.pending.pop(i, None) or self.pool.submit(self._make, i)
+        data = fut.result()
+        if i + 1 < len(self.plans):
+            self.pending[i + 1] = self.pool.submit(self._make, i + 1)
         if self.bar is not None:
-            self.bar.update(self.ckpt.info(plan.name).nbytes)
+            self.bar.update(self.ckpt.info(self.plans[i].name).nbytes)
         return data
 
     def __enter__(self) -> "_TensorFeed":
@@ -220,9 +238,19 @@ class _TensorFeed:
             self.bar.close()
 
 
-def tensor_bytes(plan: TensorPlan, x, *, hooks: Sequence[WeightHook] = (), threads: int | None = None) -> torch.Tensor:
+# Input bytes per codec call. The small per-call outputs are freed and reallocated
+# from the heap instead of fresh mmapped (page-faulting) memory; the pthread start per
+# call is ~1% of the work.
+_CHUNK_BYTES = 8 << 20
+
+_TORCH_FLOATS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+
+
+def tensor_bytes(plan: TensorPlan, x, *, hooks: Sequence[WeightHook] = (), threads: int | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """The stored form of one tensor under its plan: uint8 blocks for a block type, a
-    float tensor for F32/F16/BF16 (identical to gguf-py's conversion of the same data)."""
+    float tensor for F32/F16/BF16 (identical to gguf-py's conversion of the same data).
+    `out`, a uint8 buffer of at least the stored size, is used instead of new memory."""
     x = _as_float(x, threads)
     if hooks:
         x = x.to(torch.float32)
@@ -231,11 +259,28 @@ def tensor_bytes(plan: TensorPlan, x, *, hooks: Sequence[WeightHook] = (), threa
             if tuple(y.shape) != tuple(x.shape):
                 raise ConvertError(f"{plan.name}: a weight hook changed the shape {list(x.shape)} -> {list(y.shape)}")
             x = y
-    if plan.round_via is not None:
-        x = cast_float(x, plan.round_via)
     if plan.ggml_type in LEGACY_QUANTS:
-        return codecs.quantize(x.contiguous(), plan.ggml_type, threads=threads)
-    return cast_float(x, plan.ggml_type)
+        return _quantize(x, plan.ggml_type, plan.round_via, threads, out)
+    return cast_float(x, plan.ggml_type, out=out)
+
+
+def _quantize(x: torch.Tensor, ggml_type: GGMLType, round_via: GGMLType | None, threads: int | None,
+              out: torch.Tensor | None) -> torch.Tensor:
+    """Quantize row chunks into one byte tensor; with `round_via`, each chunk is first
+    rounded to that float type (city96's route reads an F16/BF16 base)."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    row_bytes = row_nbytes(ggml_type, n)
+    nbytes = rows.shape[0] * row_bytes
+    dst = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+    dst2 = dst.view(rows.shape[0], row_bytes)
+    step = max(1, _CHUNK_BYTES // (n * x.element_size()))
+    for r in range(0, rows.shape[0], step):
+        chunk = rows[r : r + step]
+        if round_via is not None:
+            chunk = cast_float(chunk, round_via)
+        dst2[r : r + step] = codecs.quantize(chunk, ggml_type, threads=threads)
+    return dst
 
 
 def _as_float(x, threads: int | None) -> torch.Tensor:
@@ -249,26 +294,29 @@ def _as_float(x, threads: int | None) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def cast_float(x: torch.Tensor, ggml_type: GGMLType) -> torch.Tensor:
-    """Round to F32/F16/BF16 as gguf-py does (round to nearest even; for BF16 a NaN
-    keeps its sign and top bits and is made quiet, where torch would canonicalize it)."""
-    if ggml_type == GGMLType.F32:
-        return x.to(torch.float32)
-    if ggml_type == GGMLType.F16:
-        return x.to(torch.float16)
-    if ggml_type != GGMLType.BF16:
+def cast_float(x: torch.Tensor, ggml_type: GGMLType, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Round to F32/F16/BF16 as gguf-py does: round to nearest even; for BF16 a NaN
+    keeps its sign and top bits and is made quiet (torch would canonicalize it). A
+    tensor already of the type is returned as is; otherwise the result is written
+    into `out` (a uint8 buffer) when given."""
+    if ggml_type not in _TORCH_FLOATS:
         raise ValueError(f"not a float type: {ggml_type.name}")
-    if x.dtype == torch.bfloat16:
-        bits = x.view(torch.int16)
-        nan = (bits & 0x7FFF) > 0x7F80
-        return x if not nan.any() else torch.where(nan, bits | 0x40, bits).view(torch.bfloat16)
-    x32 = x.to(torch.float32)
-    y = x32.to(torch.bfloat16)
-    nan = torch.isnan(x32)
-    if nan.any():
-        quiet = ((x32.view(torch.int32) >> 16) | 0x40).to(torch.int16)
-        y = torch.where(nan, quiet, y.view(torch.int16)).view(torch.bfloat16)
+    dtype = _TORCH_FLOATS[ggml_type]
+    if x.dtype == dtype:
+        y = x
+    else:
+        nbytes = x.numel() * dtype.itemsize
+        y = torch.empty(x.shape, dtype=dtype) if out is None else out[:nbytes].view(dtype).view(x.shape)
+        y.copy_(x)
+    if dtype == torch.bfloat16 and _any_nan(x):
+        bits = x.view(torch.int16) if x.dtype == torch.bfloat16 else (x.float().view(torch.int32) >> 16).to(torch.int16)
+        y = torch.where(torch.isnan(x), bits | 0x40, y.view(torch.int16)).view(torch.bfloat16)
     return y
+
+
+def _any_nan(x: torch.Tensor) -> bool:
+    # max() propagates NaN: one vectorized pass, no mask allocated (10x isnan().any()).
+    return x.numel() > 0 and bool(torch.isnan(x.max()))
 
 
 # ---- back to safetensors ------------------------------------------------------------
@@ -363,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-extra-metadata", action="store_true",
                    help="write only the keys city96 writes (architecture, quantization version, file type)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--threads", type=int, default=None, help="threads for quantization (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="codec threads (default: all cores but one, which writes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print every tensor's type and why")
     p.add_argument("--dequantize", action="store_true", help="SRC OUT.safetensors: write the tensors as floats")

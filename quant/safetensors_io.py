@@ -4,10 +4,11 @@ Layout: 8-byte little-endian header length N, N bytes of JSON
 (`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`),
 then the data; offsets are relative to the end of the header.
 
-Tensors are read with positioned reads into a fresh tensor rather than through a memory
-map: mapped pages stay counted in the process's resident memory until the map goes, so
-converting a 30 GB file through a map looks like (and under pressure behaves like) a
-30 GB process. A read costs one copy from the page cache and keeps memory at one tensor.
+Tensors are read with positioned reads (threaded, `fileio.read_into`) into a tensor
+rather than through a memory map: mapped pages stay counted in the process's resident
+memory until the map goes, so converting a 30 GB file through a map looks like (and
+under pressure behaves like) a 30 GB process. A read costs one copy from the page
+cache and keeps memory at one tensor; `read(name, buffer)` reuses the caller's memory.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from .fileio import ShortReadError, read_into
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -38,7 +41,6 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # A header larger than this is not a real checkpoint (the 14B expert's is ~100 kB).
 _MAX_HEADER = 100 * 1024 * 1024
-_READ_CHUNK = 1 << 30
 
 
 class SafetensorsError(ValueError):
@@ -116,15 +118,21 @@ class SafetensorsFile:
             )
         return SafetensorsEntry(name, dtype, shape, data_start + begin, nbytes)
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor `name` as a new CPU tensor (or into `out`, same dtype and shape)."""
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `name` as a CPU tensor: new, or viewing the start of `buffer` (a
+        uint8 CPU tensor of at least the tensor's bytes, so a caller can reuse memory)."""
         e = self.entries[name]
-        if out is None:
+        if buffer is None:
             out = torch.empty(e.shape, dtype=e.dtype)
-        elif out.dtype != e.dtype or tuple(out.shape) != e.shape or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {e.dtype} tensor of shape {list(e.shape)}")
+        else:
+            if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < e.nbytes:
+                raise ValueError(f"buffer must be a 1-D uint8 tensor of at least {e.nbytes} bytes")
+            out = buffer[: e.nbytes].view(e.dtype).view(e.shape)
         if e.nbytes:
-            read_bytes_into(self._fd, e.offset, out.reshape(-1).view(torch.uint8), self.path)
+            try:
+                read_into(self._fd, e.offset, out)
+            except ShortReadError as err:
+                raise SafetensorsError(f"{self.path}: tensor {name!r}: {err}") from None
         return out
 
     def close(self) -> None:
@@ -139,21 +147,8 @@ class SafetensorsFile:
         self.close()
 
 
-def read_bytes_into(fd: int, offset: int, out_u8: torch.Tensor, path) -> None:
-    """Fill the 1-D uint8 CPU tensor `out_u8` from file bytes at `offset`."""
-    view = memoryview(out_u8.numpy()).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done : done + _READ_CHUNK]], offset + done)
-        if n <= 0:
-            raise SafetensorsError(f"{path}: file ends at byte {offset + done} inside a tensor (truncated)")
-        done += n
-
-
 def _pread_exact(fd: int, n: int, offset: int) -> bytes:
-    buf = torch.empty(n, dtype=torch.uint8)
-    read_bytes_into(fd, offset, buf, "header")
-    return buf.numpy().tobytes()
+    return read_into(fd, offset, torch.empty(n, dtype=torch.uint8), threads=1).numpy().tobytes()
 
 
 # ---- writing ----------------------------------------------------------------------
