@@ -62,9 +62,11 @@ class NativeUnavailable(RuntimeError):
 def _load(module: str, functions: tuple[str, ...]) -> tuple[ModuleType | None, str | None]:
     try:
         mod = importlib.import_module(module)
-    except ImportError as e:
-        if getattr(e, "name", None) == module:
+    except ModuleNotFoundError as e:
+        if e.name == module:
             return None, f"{module} was not built"
+        return None, f"{module} failed to load: {e}"
+    except ImportError as e:  # present but unloadable: a missing symbol or library
         return None, f"{module} failed to load: {e}"
     except Exception as e:  # a broken shared object can raise anything on import
         return None, f"{module} failed to load: {type(e).__name__}: {e}"

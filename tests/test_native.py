@@ -80,7 +80,7 @@ import sys, warnings
 class Refuse:
     def find_spec(self, name, path=None, target=None):
         if name in ("quant._wanrt_c", "quant._wanrt_cuda"):
-            raise ImportError("simulated: not built", name=name)
+            raise ModuleNotFoundError("simulated: not built", name=name)
 sys.meta_path.insert(0, Refuse())
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
