@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     r.add_argument("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
+    r.add_argument("--text-device", help="where the text encoder runs (default: the device when it fits, else cpu)")
     r.add_argument("--vram", help="GPU memory budget: 'auto' or GiB (8, 7.5, 6144MiB)")
     r.add_argument("--ram", help="host memory budget: 'auto' or GiB")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(model, high_noise=args.high_noise, low_noise=args.low_noise,
                              text_encoder=args.text_encoder, tokenizer=args.tokenizer, vae=args.vae,
                              device=args.device, dtype=args.dtype, vram=args.vram, ram=args.ram,
-                             prompt_cache=not args.demo, log=_say)
+                             prompt_cache=not args.demo, text_device=args.text_device, log=_say)
         stack.callback(pipe.close)
         result = pipe.generate(
             options["image"], options["prompt"], options["negative_prompt"],

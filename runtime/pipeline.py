@@ -245,20 +245,25 @@ def open_experts(high, low, *, device: torch.device, dtype: torch.dtype, vram=No
     return ResidentExperts(high, low, device=device, dtype=dtype, vram=vram, ram=ram)
 
 
-def check_expert_files(high, low):
+def check_expert_files(high, low, dtype: torch.dtype = torch.float32):
     """Read only the headers of both expert checkpoints and refuse, before anything is
     loaded, T2V/TI2V experts, experts of two different models, or experts given in each
-    other's place. Returns the DiT config."""
+    other's place. Returns the DiT config and the bytes both experts take once loaded
+    for compute in `dtype` (float32 linear weights are narrowed for bf16 compute)."""
     from quant.checkpoint import open_checkpoint
 
     from .dit_loading import DiTLoadError, check_expected, check_expert_pair, inspect_checkpoint
 
-    configs, roles = {}, {}
+    configs, roles, nbytes = {}, {}, 0
     for role, source in ((HIGH, high), (LOW, low)):
         with open_checkpoint(source) as ckpt:
             configs[role] = inspect_checkpoint(ckpt).config
             check_expected(configs[role], "i2v", ckpt.path)
             roles[role] = ckpt.expert
+            for name in ckpt.names():
+                info = ckpt.info(name)
+                narrowed = dtype != torch.float32 and info.dtype == torch.float32 and len(info.shape) == 2
+                nbytes += info.nbytes // 2 if narrowed else info.nbytes
     for role, other in ((HIGH, LOW), (LOW, HIGH)):
         if roles[role] == other:
             src = high if role == HIGH else low
@@ -266,7 +271,19 @@ def check_expert_files(high, low):
                 f"{src}: given as the {role.replace('_', '-')} expert but it is marked {other!r} (by its "
                 "metadata or name); swap the high-noise and low-noise experts")
     check_expert_pair(configs[HIGH], configs[LOW])
-    return configs[HIGH]
+    return configs[HIGH], nbytes
+
+
+def _device_room(device: torch.device, vram) -> int:
+    """Bytes a new allocation may take on a CUDA device: what the driver has free plus
+    what torch's allocator holds unused, within a numeric VRAM budget."""
+    free, _ = torch.cuda.mem_get_info(device)
+    room = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return min(room, vram - torch.cuda.memory_allocated(device)) if isinstance(vram, int) else room
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 # ---- measuring ---------------------------------------------------------------------
@@ -338,7 +355,8 @@ class Pipeline:
     """Wan 2.2 I2V-A14B. Build it with `load_pipeline`; nothing is loaded until needed."""
 
     def __init__(self, files: ModelFiles, *, device: torch.device, dtype: torch.dtype, vram=None, ram=None,
-                 prompt_cache=True, log: Callable[[str], None] | None = None):
+                 prompt_cache=True, text_device: torch.device | None = None,
+                 log: Callable[[str], None] | None = None):
         self.files = files
         self.device = device
         self.dtype = dtype
@@ -348,6 +366,8 @@ class Pipeline:
         self.log = log or (lambda message: None)
         self.experts = None  # the seam: any object with activate(name) -> model and close()
         self._dit_config = None
+        self._expert_bytes = 0
+        self.text_device = text_device
 
     def __repr__(self) -> str:
         return f"Pipeline({self.files.layout}: {self.files.folder or 'explicit files'}, {self.device}, {self.dtype})"
@@ -415,14 +435,33 @@ class Pipeline:
             return [c.to(self.device) for c in cached]
         from .t5 import load_text_encoder
 
-        self.log(f"text: loading {self.files.text_encoder}")
-        encoder = load_text_encoder(self.files.text_encoder, tokenizer, device=self.device, dtype=TEXT_DTYPE,
+        device = self._text_device()
+        self.log(f"text: loading {self.files.text_encoder} on {device}")
+        encoder = load_text_encoder(self.files.text_encoder, tokenizer, device=device, dtype=TEXT_DTYPE,
                                     cache=self.prompt_cache)
         try:
-            return encoder.encode(prompts)
+            return [c.to(self.device) for c in encoder.encode(prompts)]
         finally:
             del encoder
             _free(self.device)
+
+    def _text_device(self) -> torch.device:
+        """Where the text encoder runs: `text_device` if given, else the pipeline's device
+        when the encoder's weights fit there (with 1 GiB to spare), else the CPU (the
+        prompt cache makes that a one-time cost per prompt)."""
+        if self.text_device is not None:
+            return self.text_device
+        if self.device.type != "cuda":
+            return self.device
+        from .t5 import _weight_files
+
+        need = sum(p.stat().st_size for p in _weight_files(self.files.text_encoder)) + 2**30
+        room = _device_room(self.device, self.vram)
+        if need <= room:
+            return self.device
+        self.log(f"text: the encoder needs about {_gib(need)}, {_gib(room)} is available on {self.device}: "
+                 "it runs on the CPU")
+        return torch.device("cpu")
 
     # -- 3./6. VAE -----------------------------------------------------------------------
 
@@ -440,13 +479,22 @@ class Pipeline:
     # -- 5. experts ----------------------------------------------------------------------
 
     def _check_experts(self):
-        """The DiT config, checked from the experts' headers before any loading."""
+        """The DiT config, checked from the experts' headers before any loading; on CUDA,
+        resident experts must fit the device."""
+        if getattr(self.experts, "config", None) is not None:
+            return self.experts.config
         if self._dit_config is None:
-            if getattr(self.experts, "config", None) is not None:
-                self._dit_config = self.experts.config
-            else:
-                self.files.require("high_noise", "low_noise")
-                self._dit_config = check_expert_files(self.files.high_noise, self.files.low_noise)
+            self.files.require("high_noise", "low_noise")
+            self._dit_config, self._expert_bytes = check_expert_files(self.files.high_noise, self.files.low_noise,
+                                                                      self.dtype)
+        if self.device.type == "cuda":
+            room = _device_room(self.device, self.vram)
+            if self._expert_bytes > room:
+                budget = f" within --vram {_gib(self.vram)}" if isinstance(self.vram, int) else ""
+                raise ValueError(
+                    f"the two experts take {_gib(self._expert_bytes)} on {self.device} when both stay loaded, "
+                    f"and {_gib(room)} is available{budget}; use smaller experts (q4_0 / q8_0 GGUF), a GPU "
+                    "with more memory, or --device cpu")
         return self._dit_config
 
     def _experts(self):
@@ -684,6 +732,7 @@ def load_pipeline(
     vram=None,
     ram=None,
     prompt_cache=True,
+    text_device=None,
     log: Callable[[str], None] | None = None,
 ) -> Pipeline:
     """A Wan 2.2 I2V-A14B pipeline from a model folder (official, ComfyUI or flat layout)
@@ -694,12 +743,14 @@ def load_pipeline(
     compute dtype, bf16 (default on CUDA; the official numerics) or fp32 (default on CPU).
     vram / ram: "auto" or GiB (a number, or "7.5GiB", "6144MiB"), the budgets the
     streaming engine plans to. prompt_cache: True (the default cache folder), False, a
-    folder or a PromptCache. log: called with one line per event (loading, notes)."""
+    folder or a PromptCache. text_device: where the umt5 encoder runs (default: the device
+    when it fits there, else the CPU). log: called with one line per event (loading, notes)."""
     files = resolve_model_files(model, high_noise=high_noise, low_noise=low_noise, text_encoder=text_encoder,
                                 tokenizer=tokenizer, vae=vae)
     device = resolve_device(device)
     pipe = Pipeline(files, device=device, dtype=resolve_dtype(dtype, device), vram=parse_memory(vram, "vram"),
-                    ram=parse_memory(ram, "ram"), prompt_cache=prompt_cache, log=log)
+                    ram=parse_memory(ram, "ram"), prompt_cache=prompt_cache,
+                    text_device=None if text_device is None else resolve_device(text_device), log=log)
     for note in files.notes:
         pipe.log(note)
     return pipe

@@ -485,3 +485,41 @@ def test_golden_run_on_cuda(golden):
     assert rel_l2(result.latent, ref["final_latent"]) < 2e-2
     assert rel_l2(result.video, trace["video"]) < 2 * rel_l2(ref["video"], trace["video"]) + 1e-3
     assert result.memory["cuda_peak_allocated"] > 0
+
+
+# ---- what fits on the device -----------------------------------------------------------
+
+
+@pytest.mark.golden
+def test_expert_bytes_from_the_headers(golden):
+    ckpt = golden / "pipeline" / "checkpoint"
+    stored = sum(t.numel() * t.element_size() for d in ("high_noise_model", "low_noise_model")
+                 for f in sorted((ckpt / d).glob("*.safetensors")) for t in load_file(f).values())
+    config, fp32 = pipeline_mod.check_expert_files(ckpt / "high_noise_model", ckpt / "low_noise_model")
+    _, bf16 = pipeline_mod.check_expert_files(ckpt / "high_noise_model", ckpt / "low_noise_model", torch.bfloat16)
+    assert config.model_type == "i2v"
+    assert fp32 == stored and stored / 2 < bf16 < stored  # linear weights narrowed, the rest kept
+
+
+@pytest.mark.golden
+def test_resident_experts_that_do_not_fit_are_refused_up_front(golden, monkeypatch):
+    ckpt = golden / "pipeline" / "checkpoint"
+    files = ModelFiles(ckpt / "high_noise_model", ckpt / "low_noise_model")
+    pipe = Pipeline(files, device=torch.device("cuda"), dtype=torch.bfloat16, vram=1 << 20)
+    monkeypatch.setattr(pipeline_mod, "_device_room", lambda device, vram: 1 << 20)
+    with pytest.raises(ValueError, match="the two experts take .* and 0.0 GiB is available within --vram"):
+        pipe._check_experts()
+    monkeypatch.setattr(pipeline_mod, "_device_room", lambda device, vram: 1 << 40)
+    assert pipe._check_experts().model_type == "i2v"
+
+
+def test_text_encoder_goes_to_the_cpu_when_it_does_not_fit(tmp_path, monkeypatch):
+    weights = tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
+    weights.write_bytes(b"\0" * 1000)
+    pipe = Pipeline(ModelFiles(text_encoder=weights), device=torch.device("cuda"), dtype=torch.bfloat16)
+    monkeypatch.setattr(pipeline_mod, "_device_room", lambda device, vram: 2**30)
+    assert pipe._text_device() == torch.device("cpu")
+    monkeypatch.setattr(pipeline_mod, "_device_room", lambda device, vram: 2**31)
+    assert pipe._text_device() == torch.device("cuda")
+    pipe.text_device = torch.device("cpu")
+    assert pipe._text_device() == torch.device("cpu")
