@@ -138,7 +138,7 @@ static inline void quantize_q8_0(const float x[QK], uint8_t *y) {
 }
 
 /* Q4_0 / Q5_0: the element of largest magnitude (the first on ties, +0 for an
- * all-zero block) maps to q = 0; d = max / -half, q = min(top, trunc(x/d + half + 0.5)). */
+ * all-zero block) maps to q = 0: d = max / -half, q = min(top, trunc(x/d + half + 0.5)). */
 static inline float signed_extreme(const float x[QK]) {
     const uint32_t amax = abs_max_bits(x);
     if (amax == 0) return 0.0f;
@@ -148,19 +148,8 @@ static inline float signed_extreme(const float x[QK]) {
     return 0.0f;
 }
 
-static inline void quantize_sym(const float x[QK], float half, int top, uint8_t q[QK], float *d_out) {
-    const float d = signed_extreme(x) / -half;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const float bias = half + 0.5f;
-    for (int j = 0; j < QK; ++j) {
-        const int8_t t = (int8_t)trunc_to_i32(x[j] * id + bias);
-        q[j] = (uint8_t)(t < top ? t : top);
-    }
-    *d_out = d;
-}
-
 /* Q4_1 / Q5_1: d = (max - min) / top, q = min(top, trunc((x - min)/d + 0.5)). */
-static inline void quantize_asym(const float x[QK], float top, uint8_t q[QK], float *d_out, float *m_out) {
+static inline void min_max(const float x[QK], float *min_out, float *max_out) {
     int32_t kmin = INT32_MAX, kmax = INT32_MIN;
     for (int j = 0; j < QK; ++j) {
         const int32_t k = order_key(x[j]);
@@ -170,62 +159,76 @@ static inline void quantize_asym(const float x[QK], float top, uint8_t q[QK], fl
     float min = from_order_key(kmin), max = from_order_key(kmax);
     if (min == 0.0f) min = first_zero(x);
     if (max == 0.0f) max = first_zero(x);
-    const float d = (max - min) / top;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const int itop = (int)top;
-    for (int j = 0; j < QK; ++j) {
-        const int8_t t = (int8_t)trunc_to_i32((x[j] - min) * id + 0.5f);
-        q[j] = (uint8_t)(t < itop ? t : itop);
-    }
-    *d_out = d;
-    *m_out = min;
+    *min_out = min;
+    *max_out = max;
 }
 
-static inline void pack_nibbles(const uint8_t q[QK], uint8_t *qs) {
-    for (int j = 0; j < QK / 2; ++j) qs[j] = (uint8_t)((q[j] & 0x0f) | (q[j + QK / 2] << 4));
+/* ggml's (uint8_t)MIN(top, (int8_t)v): the quant of one already offset value. */
+static inline uint32_t clamp_quant(float v, int32_t top) {
+    const int32_t t = (int8_t)trunc_to_i32(v);
+    return (uint32_t)(uint8_t)(t < top ? t : top);
 }
 
-static inline void pack_high_bits(const uint8_t q[QK], uint8_t *qh) {
-    uint32_t bits = 0;
-    for (int j = 0; j < QK; ++j) bits |= (uint32_t)((q[j] >> 4) & 1u) << j;
-    uint8_t le[4] = {(uint8_t)bits, (uint8_t)(bits >> 8), (uint8_t)(bits >> 16), (uint8_t)(bits >> 24)};
-    memcpy(qh, le, 4);
-}
-
+/* Element j and element j+16 share byte j: low and high nibble; for Q5 their fifth
+ * bits go to bits j and j+16 of qh. */
 static inline void quantize_q4_0(const float x[QK], uint8_t *y) {
-    uint8_t q[QK];
-    float d;
-    quantize_sym(x, 8.0f, 15, q, &d);
+    const float d = signed_extreme(x) / -8.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_u16(y, wanrt_f32_to_f16(d));
-    pack_nibbles(q, y + offsetof(wanrt_block_q4_0, qs));
+    uint8_t *qs = y + offsetof(wanrt_block_q4_0, qs);
+    for (int j = 0; j < QK / 2; ++j) {
+        const uint32_t lo = clamp_quant(x[j] * id + 8.5f, 15), hi = clamp_quant(x[j + QK / 2] * id + 8.5f, 15);
+        qs[j] = (uint8_t)((lo & 0x0f) | (hi << 4));
+    }
 }
 
 static inline void quantize_q5_0(const float x[QK], uint8_t *y) {
-    uint8_t q[QK];
-    float d;
-    quantize_sym(x, 16.0f, 31, q, &d);
+    const float d = signed_extreme(x) / -16.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_u16(y, wanrt_f32_to_f16(d));
-    pack_high_bits(q, y + offsetof(wanrt_block_q5_0, qh));
-    pack_nibbles(q, y + offsetof(wanrt_block_q5_0, qs));
+    uint8_t *qs = y + offsetof(wanrt_block_q5_0, qs);
+    uint32_t qh = 0;
+    for (int j = 0; j < QK / 2; ++j) {
+        const uint32_t lo = clamp_quant(x[j] * id + 16.5f, 31), hi = clamp_quant(x[j + QK / 2] * id + 16.5f, 31);
+        qs[j] = (uint8_t)((lo & 0x0f) | (hi << 4));
+        qh |= ((lo >> 4) & 1u) << j | ((hi >> 4) & 1u) << (j + QK / 2);
+    }
+    const uint8_t le[4] = {(uint8_t)qh, (uint8_t)(qh >> 8), (uint8_t)(qh >> 16), (uint8_t)(qh >> 24)};
+    memcpy(y + offsetof(wanrt_block_q5_0, qh), le, 4);
 }
 
 static inline void quantize_q4_1(const float x[QK], uint8_t *y) {
-    uint8_t q[QK];
-    float d, m;
-    quantize_asym(x, 15.0f, q, &d, &m);
+    float min, max;
+    min_max(x, &min, &max);
+    const float d = (max - min) / 15.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_u16(y, wanrt_f32_to_f16(d));
-    store_u16(y + offsetof(wanrt_block_q4_1, m), wanrt_f32_to_f16(m));
-    pack_nibbles(q, y + offsetof(wanrt_block_q4_1, qs));
+    store_u16(y + offsetof(wanrt_block_q4_1, m), wanrt_f32_to_f16(min));
+    uint8_t *qs = y + offsetof(wanrt_block_q4_1, qs);
+    for (int j = 0; j < QK / 2; ++j) {
+        const uint32_t lo = clamp_quant((x[j] - min) * id + 0.5f, 15);
+        const uint32_t hi = clamp_quant((x[j + QK / 2] - min) * id + 0.5f, 15);
+        qs[j] = (uint8_t)((lo & 0x0f) | (hi << 4));
+    }
 }
 
 static inline void quantize_q5_1(const float x[QK], uint8_t *y) {
-    uint8_t q[QK];
-    float d, m;
-    quantize_asym(x, 31.0f, q, &d, &m);
+    float min, max;
+    min_max(x, &min, &max);
+    const float d = (max - min) / 31.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
     store_u16(y, wanrt_f32_to_f16(d));
-    store_u16(y + offsetof(wanrt_block_q5_1, m), wanrt_f32_to_f16(m));
-    pack_high_bits(q, y + offsetof(wanrt_block_q5_1, qh));
-    pack_nibbles(q, y + offsetof(wanrt_block_q5_1, qs));
+    store_u16(y + offsetof(wanrt_block_q5_1, m), wanrt_f32_to_f16(min));
+    uint8_t *qs = y + offsetof(wanrt_block_q5_1, qs);
+    uint32_t qh = 0;
+    for (int j = 0; j < QK / 2; ++j) {
+        const uint32_t lo = clamp_quant((x[j] - min) * id + 0.5f, 31);
+        const uint32_t hi = clamp_quant((x[j + QK / 2] - min) * id + 0.5f, 31);
+        qs[j] = (uint8_t)((lo & 0x0f) | (hi << 4));
+        qh |= ((lo >> 4) & 1u) << j | ((hi >> 4) & 1u) << (j + QK / 2);
+    }
+    const uint8_t le[4] = {(uint8_t)qh, (uint8_t)(qh >> 8), (uint8_t)(qh >> 16), (uint8_t)(qh >> 24)};
+    memcpy(y + offsetof(wanrt_block_q5_1, qh), le, 4);
 }
 
 /* ---------------------------------------------------------- dequantizers */
