@@ -16,6 +16,7 @@ from runtime import demo
 from runtime.generate import (ENV_DEFAULTS, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, apply_environment, build_parser,
                               main, parse_max_area)
 from runtime.samplers import PRESETS
+from runtime.video_io import DEFAULT_FPS
 
 
 def read_video(path: Path) -> tuple[dict, int]:
@@ -30,7 +31,7 @@ def test_demo_writes_a_video_that_reads_back(tmp_path, capsys):
     meta, count = read_video(out)
     assert count == demo.DEMO_FRAMES
     assert tuple(meta["size"]) == demo.DEMO_SIZE
-    assert meta["fps"] == 16
+    assert meta["fps"] == DEFAULT_FPS
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["settings"]["frames"] == demo.DEMO_FRAMES
     stdout = capsys.readouterr().out
