@@ -285,8 +285,8 @@ class WanVAE:
         features /= weight_sum
         cache = FeatureCache(self.memory_format)
         for i in range(lat_f):
-            f = features[:, i : i + 1].to(self.dtype).contiguous(memory_format=self.memory_format)
-            out[:, i] = (self.model.encode_global(f, cache)[0, :, 0].float() - mean) * inv_std
+            mu = self.model.encode_global(features[:, i].to(self.dtype), cache)
+            out[:, i] = (mu.float() - mean) * inv_std
             cache.first_chunk = False
             bar.update()
         bar.close()

@@ -57,7 +57,9 @@ class Encoder21(nn.Module):
         set_level(self.head, 1, frames)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        return encoder_global(self, encoder_local(self, x, cache), cache)
+        """One chunk [1, C, T, H, W] on the device -> [1, 2z, 1, h, w]."""
+        local = encoder_local(self, lambda t: x[:, :, t : t + 1], x.shape[2], cache)
+        return encoder_global(self, local, cache)
 
 
 class Decoder21(nn.Module):

@@ -286,17 +286,18 @@ def run_blocks(blocks, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
     return x
 
 
-def encoder_local(enc: nn.Module, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-    """The spatially local part of one encoder chunk: [1, C, T, H, W] -> features
-    [1, C', 1, h, w] at the latent resolution. `conv1` and the stages before the first
-    temporal downsample (`downsamples[:frame_stages]`) take one frame at a time into a
-    buffer; the rest takes the whole chunk."""
+def encoder_local(enc: nn.Module, frame, frames: int, cache: FeatureCache) -> torch.Tensor:
+    """The spatially local part of one encoder chunk of `frames` frames, `frame(t)` giving
+    frame t as [1, C, 1, H, W] on the device -> features [1, C', 1, h, w] at the latent
+    resolution. `conv1` and the stages before the first temporal downsample
+    (`downsamples[:frame_stages]`) take one frame at a time into a buffer; the rest takes
+    the whole chunk."""
     per_frame = enc.downsamples[: enc.frame_stages]
     buf = None
-    for t in range(x.shape[2]):
-        y = run_blocks(per_frame, enc.conv1(x[:, :, t : t + 1], cache), cache)
+    for t in range(frames):
+        y = run_blocks(per_frame, enc.conv1(frame(t), cache), cache)
         if buf is None:
-            buf = new_activation(y, y.shape[1], x.shape[2], y.shape[3], y.shape[4], cache.memory_format)
+            buf = new_activation(y, y.shape[1], frames, y.shape[3], y.shape[4], cache.memory_format)
         buf[:, :, t : t + 1] = y
         del y
     return run_blocks(enc.downsamples[enc.frame_stages :], buf, cache)
@@ -345,12 +346,12 @@ def set_level(module: nn.Module, px: float, frames: int) -> None:
         m.level_px, m.level_frames = px, frames
 
 
-def working_set_per_latent_px(part: nn.Module) -> tuple[float, float]:
+def working_set_per_latent_px(parts) -> tuple[float, float]:
     """(cache elements, largest activation elements) per latent pixel for a steady-state
-    chunk of `part` (an encoder or decoder), from the widths and levels of its blocks."""
+    chunk of the modules `parts`, from the widths and levels of their blocks."""
     cache = 0.0
     largest = 0.0
-    for m in part.modules():
+    for m in (m for part in parts for m in part.modules()):
         px, t = getattr(m, "level_px", None), getattr(m, "level_frames", None)
         if px is None:
             continue
@@ -386,25 +387,28 @@ class CausalVAE(nn.Module):
         Chunks of frames [0], [1..4], [5..8], ... give one latent frame each. With
         `local_only`, yields the features before the middle instead (see `encode_global`)."""
         w = self.conv1.weight
+
+        def frame(t: int) -> torch.Tensor:  # one frame moves to the device at a time
+            x = video[None, :, t : t + 1].to(device=w.device, dtype=w.dtype, non_blocking=True)
+            return self.patchify(x).contiguous(memory_format=cache.memory_format)
+
         n_latent = 1 + (video.shape[1] - 1) // 4
         for i in range(n_latent):
-            frames = slice(0, 1) if i == 0 else slice(1 + 4 * (i - 1), 1 + 4 * i)
-            x = video[:, frames].to(device=w.device, dtype=w.dtype, non_blocking=True)
-            x = self.patchify(x.unsqueeze(0)).contiguous(memory_format=cache.memory_format)
-            x = encoder_local(self.encoder, x, cache)
+            first = 0 if i == 0 else 1 + 4 * (i - 1)
+            x = encoder_local(self.encoder, lambda t: frame(first + t), 1 if i == 0 else 4, cache)
+            x = x[0, :, 0]
             if not local_only:
                 x = self.encode_global(x, cache)
             cache.first_chunk = False
-            yield i, x[0, :, 0]
+            yield i, x
 
     def encode_global(self, features: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """Features of one chunk [(1,) C, 1, h, w] (from `encode_chunks(local_only=True)`)
-        -> mu [1, z, 1, h, w]. conv1 is 1x1x1, so it runs per chunk; only the mu half is used."""
-        if features.dim() == 4:
-            features = features.unsqueeze(0)
-        out = encoder_global(self.encoder, features, cache)
+        """Features [C, h, w] of one chunk (from `encode_chunks(local_only=True)`) -> mu
+        [z, h, w]. conv1 is 1x1x1, so it runs per chunk; only the mu half is used."""
+        x = features[None, :, None].contiguous(memory_format=cache.memory_format)
+        out = encoder_global(self.encoder, x, cache)
         z = self.config.z_dim
-        return F.conv3d(out, self.conv1.weight[:z], self.conv1.bias[:z])
+        return F.conv3d(out, self.conv1.weight[:z], self.conv1.bias[:z])[0, :, 0]
 
     def decode_frames(self, x: torch.Tensor, cache: FeatureCache, crop=None) -> Iterator[tuple[int, torch.Tensor]]:
         """x [z, T, h, w]: de-normalised latent in the compute dtype on the device ->

@@ -25,7 +25,7 @@ DEFAULT_OVERLAP = 8  # latent pixels
 # Live activations at the peak, in units of the largest single activation of a chunk
 # (a block's input, its shortcut, its conv buffer and output, plus the stage input the
 # per-frame loop keeps); checked against a live-tensor count in tests/test_vae_tiling.py.
-ACTIVATION_FACTOR = 4.0
+ACTIVATION_FACTOR = 3.5
 # cuDNN workspaces and allocator rounding.
 MARGIN_FRACTION = 0.08
 MARGIN_BYTES = 128 << 20
@@ -109,14 +109,35 @@ def _shape_model(config: VAEConfig) -> CausalVAE:
         return build_model(config)
 
 
+@dataclass(frozen=True)
+class WorkingSet:
+    """Elements per latent pixel of one encode/decode: the tiled (local) stages' cache and
+    largest activation, the same for the untiled (global) ones, the weights, and the
+    channels of the feature map a tiled encode blends."""
+
+    local_cache: float
+    local_largest: float
+    global_cache: float
+    global_largest: float
+    weights: int
+    feature_channels: int
+
+
 @functools.lru_cache(maxsize=32)
-def per_latent_pixel(config: VAEConfig, op: str) -> tuple[float, float, int]:
-    """(cache elements, largest activation elements, weight elements) of `op`."""
+def working_set(config: VAEConfig, op: str) -> WorkingSet:
     model = _shape_model(config)
-    part, latent_conv = (model.encoder, model.conv1) if op == "encode" else (model.decoder, model.conv2)
-    cache, largest = working_set_per_latent_px(part)
+    if op == "encode":
+        enc = model.encoder
+        local, glob, latent_conv = (enc.conv1, enc.downsamples), (enc.middle, enc.head), model.conv1
+        part, channels = enc, enc.middle[0].residual["2"].in_channels
+    else:
+        dec = model.decoder
+        local, glob, latent_conv = (dec.upsamples, dec.head), (dec.conv1, dec.middle), model.conv2
+        part, channels = dec, 0
+    lc, ll = working_set_per_latent_px(local)
+    gc, gl = working_set_per_latent_px(glob)
     weights = sum(p.numel() for m in (part, latent_conv) for p in m.parameters())
-    return cache, largest, weights
+    return WorkingSet(lc, ll, gc, gl, weights, channels)
 
 
 def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
@@ -133,18 +154,21 @@ def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: in
     plan = plan_tiles(lat_h, lat_w, tile, overlap)
     th, tw = plan.tile
     item = torch.empty((), dtype=dtype).element_size()
-    cache, largest, weights = per_latent_pixel(config, op)
-    working = (cache + ACTIVATION_FACTOR * largest) * th * tw * item
+    ws = working_set(config, op)
+    full, part = lat_h * lat_w, th * tw
+    cache = ws.local_cache * part + ws.global_cache * full
+    largest = max(ws.local_largest * part, ws.global_largest * full)
+    working = (cache + ACTIVATION_FACTOR * largest) * item
     pixels = 3 * frames * height * width
-    latent = config.z_dim * lat_f * lat_h * lat_w
+    latent = config.z_dim * lat_f * full
     if op == "encode":
         io = latent * 4 + (pixels * 4 if input_on_device else 0)
-        io += 3 * st * th * tw * sh * sw * item  # one chunk of the tile's pixels
-        io += lat_h * lat_w * 4 if plan.tiled else 0  # blend weight sum
+        if plan.tiled:  # the blended feature map of all chunks, and the weight sum
+            io += ws.feature_channels * lat_f * full * 4 + full * 4
     else:
         io = pixels * 4 + latent * (4 + item)
         io += height * width * 4 if plan.tiled else 0
-    total = weights * item + io + working
+    total = ws.weights * item + io + working
     return int(total * (1 + MARGIN_FRACTION) + MARGIN_BYTES)
 
 
