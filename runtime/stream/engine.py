@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .device import DeviceArena, DeviceRing
-from .host import DROPPED, PINNED, STAGED, FileSource, HostStore, PinnedBuffer, StagingReader, bind, build_layouts
+from .host import DROPPED, PINNED, FileSource, HostStore, PinnedBuffer, StagingReader, bind, build_layouts
 from .plan import Plan
 
 
@@ -41,6 +41,10 @@ class StreamEngine:
         first `activate()`; `needs()` says what it must hold.
     load: read the host copies now (True) or leave it to `load()` (an expert loaded in the
         background calls it from another thread).
+    host: a HostStore of these blocks to use instead of making one (several plans over one
+        model, e.g. a benchmark, share one set of pinned copies); it is neither loaded
+        again nor released by this engine. Streamed blocks it holds are copied from it,
+        the others are staged from the file.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class StreamEngine:
         arena: DeviceArena | None = None,
         load: bool = True,
         progress: bool = False,
+        host: HostStore | None = None,
     ):
         if len(blocks) != plan.n_blocks:
             raise ValueError(f"the plan is for {plan.n_blocks} blocks, the module has {len(blocks)}")
@@ -79,7 +84,12 @@ class StreamEngine:
         for i, where in enumerate(placement):
             if where == DROPPED and not self._is_resident[i]:
                 raise ValueError(f"block {i} is streamed, so its host copy cannot be dropped")
-        self.store = HostStore(self.layouts, placement, source, pin=self.cuda)
+        if host is not None:
+            if [l.nbytes for l in host.layouts] != [l.nbytes for l in self.layouts]:
+                raise ValueError("the host store given holds other blocks than these")
+            self.store, self._own_store = host, False
+        else:
+            self.store, self._own_store = HostStore(self.layouts, placement, source, pin=self.cuda), True
         self.source = source
         self.arena: DeviceArena | None = None
         self._own_arena = False
@@ -142,7 +152,7 @@ class StreamEngine:
         self._upload_resident()
         for i in self.streamed:
             bind(self.layouts[i], self.store.view(i) if i in self.store.buffers else None, self._views[i])
-        staged = [i for i in self.streamed if self.store.placement[i] == STAGED]
+        staged = [i for i in self.streamed if i not in self.store.buffers]
         if staged:
             self.reader = StagingReader(
                 self.store, staged, self.plan.staging_slots, self.plan.slot_bytes, pin=self.cuda, events=self.cuda
@@ -221,7 +231,7 @@ class StreamEngine:
     def _issue(self, i: int, wait: bool) -> bool:
         """Enqueue the copy of streamed block i into a free slot; False if its bytes are
         not on the host yet and `wait` is False."""
-        if self.store.placement[i] == PINNED:
+        if i in self.store.buffers:
             self.ring.copy_in(self.ring.free_slot(), i, self.store.view(i))
             return True
         taken = self.reader.take(i, wait)
@@ -259,8 +269,9 @@ class StreamEngine:
 
     def deactivate(self, release_host: bool = True) -> None:
         """Stop streaming: wait for copies in flight (a boundary, not the hot loop), point
-        every block weight at the meta device, and with `release_host` give the pinned host
-        memory back (it is read from the file again by the next `activate`)."""
+        the block weights that the file holds at the meta device (the others at their own
+        tensors in memory), and with `release_host` give the pinned host memory back (it is
+        read from the file again by the next `activate`)."""
         if self.active:
             for h in self._hooks:
                 h.remove()
@@ -276,17 +287,20 @@ class StreamEngine:
             self.ring.drop_queue()
             self.ring.current = None
             self.active = False
-        if release_host and self.store.reloadable:
+        if release_host and self._own_store and self.store.reloadable:
             with self._host_lock:
                 self.store.release()
 
     def close(self) -> None:
-        """Deactivate and give every byte back: host copies, and the device arena if this
-        engine allocated it. The engine cannot be used again."""
+        """Deactivate and give every byte back: pinned copies, and the device arena if this
+        engine allocated it. The engine cannot be used again; the model can, by a new
+        engine, when its weights are in the file (or in memory). A model whose weights
+        existed only in the pinned copies (no file) is left on the meta device."""
         if self.closed:
             return
         self.deactivate(release_host=False)
-        self.store.close()
+        if self._own_store:
+            self.store.close()
         if self._own_arena and self.arena is not None:
             self.arena.close()
         self.arena = self.ring = None
@@ -325,12 +339,13 @@ def attach(
     blocks: str = "blocks",
     exclude: tuple[str, ...] = (),
     progress: bool = True,
+    host: HostStore | None = None,
 ) -> StreamEngine:
     """Make `model(...)` run on `device` per `plan`: the weights outside `model.<blocks>`
     move there once (except submodules named in `exclude`), the model's chunk settings
     (`model.settings.ffn_chunk_tokens` / `attn_heads_per_chunk`, where it has them) are
     set to the plan's, and the blocks stream. Returns the engine; `engine.close()` undoes
-    the streaming and frees its memory."""
+    the streaming and frees its memory. `host`: see StreamEngine."""
     settings = getattr(model, "settings", None)
     if settings is not None:
         if hasattr(settings, "ffn_chunk_tokens"):
@@ -339,5 +354,5 @@ def attach(
             settings.attn_heads_per_chunk = plan.head_chunk
     move_outside_blocks(model, device, blocks, exclude)
     return StreamEngine(
-        model.get_submodule(blocks), plan, source=source, prefix=blocks, device=device, progress=progress
+        model.get_submodule(blocks), plan, source=source, prefix=blocks, device=device, progress=progress, host=host
     )

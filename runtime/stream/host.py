@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from quant.fileio import read_into
 from quant.ggml_types import GGMLType
 
 from .budget import _count_pinned
@@ -191,13 +192,20 @@ def build_layouts(blocks: nn.ModuleList, prefix: str, source: FileSource | None)
 
 
 def bind(layout: BlockLayout, base: torch.Tensor | None, cache: dict | None = None) -> None:
-    """Point every weight of the block at its bytes inside `base` (None: meta tensors).
-    `cache` keeps the views made for a base so that rebinding costs no allocation."""
+    """Point every weight of the block at its bytes inside `base`. With None, weights the
+    file holds become meta tensors (they can be read again) and the others go back to
+    their own tensors in memory, so the model stays whole for a later engine. `cache`
+    keeps the views made for a base so that rebinding costs no allocation."""
     views = None if cache is None else cache.get(id(base))
     if views is None:
         views = []
         for p in layout.places:
-            t = torch.empty(p.shape, dtype=p.dtype, device="meta") if base is None else p.view(base)
+            if base is not None:
+                t = p.view(base)
+            elif p.host is not None:
+                t = p.host
+            else:
+                t = torch.empty(p.shape, dtype=p.dtype, device="meta")
             views.append(nn.Parameter(t, requires_grad=False) if p.is_param else t)
         if cache is not None:
             cache[id(base)] = views
@@ -246,17 +254,11 @@ class PinnedBuffer:
             pass
 
 
-def _read_into(fd: int, offset: int, out: torch.Tensor) -> None:
-    from quant.fileio import read_into
-
-    read_into(fd, offset, out)
-
-
 def fill(layout: BlockLayout, fd: int | None, out: torch.Tensor) -> None:
     """Write the block's bytes into `out` (uint8, at least `layout.nbytes`): one pread
     per file run, one copy per tensor packed from the module."""
     for file_offset, offset, nbytes in layout.runs:
-        _read_into(fd, file_offset, out[offset : offset + nbytes])
+        read_into(fd, file_offset, out[offset : offset + nbytes])
     for p in layout.places:
         if p.host is not None:
             out[p.offset : p.offset + p.nbytes].copy_(p.host.reshape(-1).view(torch.uint8))

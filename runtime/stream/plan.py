@@ -131,10 +131,9 @@ class BlockWeights:
                     types[name] = types.get(name, 0) + p.nbytes
             lin_params, lin_bytes = max(lin_params, params), max(lin_bytes, nbytes)
         label = max(types, key=types.get) if types else ""
-        return cls(
-            tuple(l.nbytes for l in layouts), other, label, all(l.from_file for l in layouts) and source is not None,
-            lin_params, lin_bytes,
-        )
+        # with a file, tensors packed from the module stay referenced: every block can be
+        # rebuilt without keeping a host copy of it
+        return cls(tuple(l.nbytes for l in layouts), other, label, source is not None, lin_params, lin_bytes)
 
     @classmethod
     def from_gguf(cls, path, prefix: str = "blocks") -> "BlockWeights":
