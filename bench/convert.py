@@ -11,7 +11,9 @@ run for the speed ratio.
 Reported per type: seconds inside the converter, source GB/s (bf16 bytes read per
 second), peak RSS and peak RSS minus the largest source tensor, and the ratio of our
 converter's rate to gguf-py's rate (read + widen to float32 + gguf.quants.quantize, no
-file writing) on the same tensors. Other processes share the CPU: the load average
+file writing) on the same tensors. To show where the time goes, each stage is also
+timed alone: reading every tensor, our codec on one block, and writing as many bytes
+as the output into the same folder. Other processes share the CPU: the load average
 before and after each run is recorded.
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ DIM, FFN, TEXT_DIM, FREQ_DIM, IN_DIM, OUT_DIM = 5120, 13824, 4096, 256, 36, 16
 
 # The child measures its own peak RSS (ru_maxrss is per process) and time inside convert().
 _CHILD = r"""
-import json, sys
+import json, resource, sys
 from quant.convert import ConvertOptions, convert
 from quant.ggml_types import parse_type
 
@@ -45,10 +47,17 @@ def status(key):  # VmHWM is this process's own peak; ru_maxrss would include th
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 
+def cpu():
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime, u.ru_stime
+
 src, out, type_name, report = sys.argv[1:5]
 rss0 = status("VmRSS")
+user0, sys0 = cpu()
 r = convert(src, out, ConvertOptions(type=parse_type(type_name), force=True, progress=False))
+user1, sys1 = cpu()
 json.dump({"seconds": r.seconds, "source_bytes": r.source_bytes, "output_bytes": r.output_bytes,
+           "user_seconds": user1 - user0, "system_seconds": sys1 - sys0,
            "rss_before_bytes": rss0, "peak_rss_bytes": status("VmHWM")}, open(report, "w"))
 """
 
@@ -151,6 +160,34 @@ def run_codec(src: Path, names: list[str], type_name: str) -> dict:
     return {"seconds": time.perf_counter() - t0, "source_bytes": sum(x.numel() * 2 for x in tensors)}
 
 
+def run_read(src: Path) -> dict:
+    """Reading alone: every tensor into one reused buffer (as the converter reads)."""
+    nbytes, t0 = 0, time.perf_counter()
+    with SafetensorsFile(src) as f:
+        buf = torch.empty(max(e.nbytes for e in f.entries.values()), dtype=torch.uint8)
+        for n, e in f.entries.items():
+            f.read(n, buf)
+            nbytes += e.nbytes
+    return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+
+
+def run_write(folder: Path, nbytes: int) -> dict:
+    """Writing alone: `nbytes` from a reused buffer into a new file, synced (as the
+    writer does), in the folder the converter writes to."""
+    chunk = torch.ones(64 << 20, dtype=torch.uint8).numpy()
+    path = folder / "write-test.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(memoryview(chunk)[: min(left, len(chunk))])
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return {"seconds": seconds, "bytes": nbytes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", type=int, default=6, help="5120-wide blocks (703 MB each in bf16; 6 -> 4.7 GB)")
@@ -171,11 +208,15 @@ def main() -> None:
         results["largest_tensor_bytes"] = torch.Size(shapes[largest]).numel() * 2
         block0 = [n for n in shapes if n.startswith("blocks.0.")]
         warm_page_cache(src)
+        read = run_read(src)
+        results["read_only"] = read
+        results["read_gb_per_s"] = read["bytes"] / read["seconds"] / 1e9
 
         for type_name in args.types.split(","):
             ours = run_ours(src, Path(tmp) / f"out-{type_name}.gguf", type_name)
             ref = run_gguf_py(src, block0, type_name)
             codec = run_codec(src, block0, type_name)
+            write = run_write(Path(tmp), ours["output_bytes"])
             ours_rate = ours["source_bytes"] / ours["seconds"]
             ref_rate = ref["source_bytes"] / ref["seconds"]
             results["runs"].append({
@@ -186,20 +227,29 @@ def main() -> None:
                 "gguf_py": ref,
                 "gguf_py_gb_per_s": ref_rate / 1e9,
                 "codec_only_gb_per_s": codec["source_bytes"] / codec["seconds"] / 1e9,
+                "write_only": write,
+                "write_gb_per_s": write["bytes"] / write["seconds"] / 1e9,
+                # the write stage in source bytes per second (how fast the source could go if writing were all)
+                "write_bound_source_gb_per_s": ours["source_bytes"] / write["seconds"] / 1e9,
                 "ratio_vs_gguf_py": ours_rate / ref_rate,
+                "codec_ratio_vs_gguf_py": codec["source_bytes"] / codec["seconds"] / ref_rate,
             })
 
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nsource: {results['source_bytes'] / 1e9:.2f} GB bf16, {args.blocks} blocks of width {DIM}; "
           f"largest tensor {results['largest_tensor']} {results['largest_tensor_bytes'] / 1e9:.3f} GB; "
-          f"{results['cpu_count']} CPUs")
-    print(f"{'type':<6} {'seconds':>8} {'GB/s':>6} {'peak RSS GB':>11} {'- largest':>9} "
-          f"{'gguf-py GB/s':>12} {'codec GB/s':>10} {'x gguf-py':>9} {'load':>9}")
+          f"{results['cpu_count']} CPUs; reading alone {results['read_gb_per_s']:.2f} GB/s")
+    print("GB/s are source (bf16) bytes per second unless marked out; x = ratio to gguf-py's quantizer")
+    print(f"{'type':<5} {'seconds':>7} {'GB/s':>5} {'CPU s/GB':>8} {'peak RSS GB':>11} {'-largest':>8} {'codec':>6} "
+          f"{'write out':>9} {'write-bound':>11} {'gguf-py':>7} {'x ours':>6} {'x codec':>7} {'load':>9}")
     for r in results["runs"]:
         o = r["ours"]
-        print(f"{r['type']:<6} {o['seconds']:8.2f} {r['ours_gb_per_s']:6.2f} {o['peak_rss_bytes'] / 1e9:11.2f} "
-              f"{r['peak_rss_above_largest_gb']:9.2f} {r['gguf_py_gb_per_s']:12.3f} {r['codec_only_gb_per_s']:10.2f} "
-              f"{r['ratio_vs_gguf_py']:9.1f} {o['load_before']:4.1f}/{o['load_after']:<4.1f}")
+        cpu_per_gb = (o["user_seconds"] + o["system_seconds"]) / (o["source_bytes"] / 1e9)
+        print(f"{r['type']:<5} {o['seconds']:7.2f} {r['ours_gb_per_s']:5.2f} {cpu_per_gb:8.2f} "
+              f"{o['peak_rss_bytes'] / 1e9:11.2f} "
+              f"{r['peak_rss_above_largest_gb']:8.2f} {r['codec_only_gb_per_s']:6.2f} {r['write_gb_per_s']:9.2f} "
+              f"{r['write_bound_source_gb_per_s']:11.2f} {r['gguf_py_gb_per_s']:7.3f} {r['ratio_vs_gguf_py']:6.1f} "
+              f"{r['codec_ratio_vs_gguf_py']:7.1f} {o['load_before']:4.1f}/{o['load_after']:<4.1f}")
     print(f"wrote {args.out}")
 
 

@@ -40,7 +40,7 @@ from .ggml_types import FLOAT_TYPES, LEGACY_QUANTS, GGMLType, parse_type, row_nb
 from .gguf_writer import GGUFWriter
 from .packed import PackedTensor
 from .safetensors_io import TensorToWrite, write_safetensors
-from .type_policy import Override, TensorPlan, base_float_type, majority_dtype, parse_override, plan_tensor
+from .type_policy import Override, TensorPlan, base_float_type, parse_override, plan_tensor
 from .wan_names import KIND_DESCRIPTIONS, WAN_DIT
 
 ARCH = "wan"
@@ -123,8 +123,7 @@ def _plan(ckpt: Checkpoint, target: GGMLType, options: ConvertOptions) -> list[T
     bad = [f"{n} ({d})" for n, d in dtypes.items() if not d.is_floating_point]
     if bad:
         raise ConvertError(f"{ckpt.path}: non-float tensors cannot be converted: {', '.join(bad[:4])}")
-    source_is_bf16 = majority_dtype(dtypes.values()) == torch.bfloat16
-    base = base_float_type(target, source_is_bf16, options.via)
+    base = base_float_type(target, options.via)
     return [
         plan_tensor(n, ckpt.info(n).shape, dtypes[n], target=target, base=base, via=options.via, overrides=options.keep)
         for n in ckpt.names()

@@ -4,7 +4,8 @@ The table follows the files the community runs (city96's route, GGUF.md 3.1-3.3)
 
 1. A float base, as city96's convert.py makes it: tensors of an f32/bf16 source that
    are 1-D, have <= 1024 elements, or are `.modulation` stay F32; everything else
-   takes the base float type (F16, or BF16 for a bf16 route). An f16 source keeps
+   takes the base float type: the route's (`via`) or the file's float type when one
+   is given, else BF16 for a bf16 tensor and F16 for any other. An f16 source keeps
    every tensor F16 (convert.py applies the F32 rules only to f32/bf16 sources).
    `patch_embedding.weight` (5-D Conv3d) is F32 (city96's fix_5d_tensors.py).
 2. Quantization, as city96's patched llama-quantize does it for arch "wan": only
@@ -74,15 +75,14 @@ def parse_override(text: str) -> Override:
     return Override(pattern.strip(), ggml_type)
 
 
-def base_float_type(target: GGMLType, source_is_bf16: bool, via: GGMLType | None) -> GGMLType:
-    """Float type of the tensors that are not quantized (embeddings, head): the target
-    itself for a float file, else the route's base (via), else BF16 for a bf16 source
-    and F16 otherwise, as city96's files have them."""
+def base_float_type(target: GGMLType, via: GGMLType | None) -> GGMLType | None:
+    """Float type of the 2-D tensors that are not quantized (embeddings, head): the
+    target itself for a float file, else the route's base (`via`), else None: each
+    tensor's own, BF16 for a bf16 tensor and F16 otherwise, as city96's convert.py types
+    every tensor by its source dtype."""
     if target in FLOAT_TYPES:
         return target
-    if via is not None:
-        return via
-    return GGMLType.BF16 if source_is_bf16 else GGMLType.F16
+    return via
 
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
@@ -96,14 +96,16 @@ def plan_tensor(
     source_dtype: torch.dtype,
     *,
     target: GGMLType,
-    base: GGMLType,
+    base: GGMLType | None,
     via: GGMLType | None = None,
     overrides: tuple[Override, ...] = (),
 ) -> TensorPlan:
     """The type of one tensor. `source_dtype` is the dtype the source stores it in
     (float32 for a tensor that was block-quantized), `base` the float type of
-    unquantized 2-D tensors (`base_float_type`)."""
+    unquantized 2-D tensors (`base_float_type`; None: by the tensor's own dtype)."""
     shape = tuple(shape)
+    if base is None:
+        base = GGMLType.BF16 if source_dtype == torch.bfloat16 else GGMLType.F16
     n = 1
     for d in shape:
         n *= d
@@ -148,11 +150,3 @@ def plan_tensor(
     if via is not None and ggml_type in LEGACY_QUANTS and base_type in (GGMLType.F16, GGMLType.BF16):
         round_via = base_type
     return TensorPlan(name, shape, ggml_type, round_via, why)
-
-
-def majority_dtype(dtypes) -> torch.dtype:
-    """The most common dtype (ties: the first seen), as convert.py picks its file type."""
-    counts: dict[torch.dtype, int] = {}
-    for d in dtypes:
-        counts[d] = counts.get(d, 0) + 1
-    return max(counts, key=counts.get)

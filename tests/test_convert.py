@@ -185,6 +185,16 @@ def test_requantize_from_gguf_and_keep_overrides(golden, tmp_path):
     assert types["blocks.1.self_attn.q.weight"] == GGMLType.Q4_0
     assert types["blocks.1.ffn.2.weight"] == GGMLType.Q4_1
 
+    # A BF16-based file keeps its unquantized 2-D tensors BF16 when requantized.
+    out2 = tmp_path / "q5.gguf"
+    assert _run([tiny / "wan_tiny-Q8_0-from-BF16.gguf", out2, "--type", "q5_1"]) == 0
+    with GGUFFile(out2) as f, GGUFFile(tiny / "wan_tiny-Q8_0-from-BF16.gguf") as g:
+        for n, t in g.tensors.items():
+            want = GGMLType.Q5_1 if t.ggml_type == GGMLType.Q8_0 else t.ggml_type
+            assert f.tensors[n].ggml_type == want, n
+            if t.ggml_type != GGMLType.Q8_0:
+                assert torch.equal(f.raw(n), g.raw(n)), n
+
 
 @pytest.mark.golden
 def test_refuses_to_overwrite_and_leaves_input_alone(golden, tmp_path, capsys):

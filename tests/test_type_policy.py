@@ -13,7 +13,6 @@ from quant.type_policy import (
     Override,
     base_float_type,
     is_quantizable,
-    majority_dtype,
     parse_override,
     plan_tensor,
 )
@@ -55,10 +54,8 @@ def test_plan_reproduces_every_golden_file_layout(golden):
     for file, (src, target, base) in routes.items():
         dtype_names, shapes = _source_dtypes(golden / "gguf/wan_tiny" / src)
         dtypes = {n: _DTYPES[d] for n, d in dtype_names.items()}
-        is_bf16 = majority_dtype(dtypes.values()) == torch.bfloat16
         for via in (base, None):
-            floats = base_float_type(target, is_bf16, via)
-            assert floats == base, (file, via)
+            floats = base_float_type(target, via)
             for t in listing[file]["tensors"]:
                 plan = plan_tensor(t["name"], shapes[t["name"]], dtypes[t["name"]], target=target, base=floats, via=via)
                 assert plan.ggml_type.name == t["ggml_type"], (file, t["name"], plan)
@@ -107,10 +104,13 @@ def test_float_targets():
     assert plan_tensor("blocks.0.self_attn.q.weight", (64, 64), f32, target=GGMLType.F32, base=GGMLType.F32).ggml_type == GGMLType.F32
     assert plan_tensor("blocks.0.ffn.0.bias", (64,), f32, target=GGMLType.F32, base=GGMLType.F32).ggml_type == GGMLType.F32
     assert plan_tensor("blocks.0.self_attn.q.weight", (64, 64), f32, target=GGMLType.BF16, base=GGMLType.BF16).ggml_type == GGMLType.BF16
-    assert base_float_type(GGMLType.F16, True, None) == GGMLType.F16
-    assert base_float_type(GGMLType.Q8_0, True, None) == GGMLType.BF16
-    assert base_float_type(GGMLType.Q8_0, False, None) == GGMLType.F16
-    assert base_float_type(GGMLType.Q8_0, True, GGMLType.F16) == GGMLType.F16
+    assert base_float_type(GGMLType.F16, GGMLType.BF16) == GGMLType.F16
+    assert base_float_type(GGMLType.Q8_0, GGMLType.F16) == GGMLType.F16
+    # No route given: each tensor keeps a float type like its own, as city96's convert.py does.
+    assert base_float_type(GGMLType.Q8_0, None) is None
+    emb = "text_embedding.0.weight"
+    for dtype, want in ((torch.bfloat16, GGMLType.BF16), (torch.float32, GGMLType.F16), (torch.float16, GGMLType.F16)):
+        assert plan_tensor(emb, (64, 64), dtype, target=GGMLType.Q8_0, base=None).ggml_type == want
 
 
 def test_round_via_only_for_quantized_tensors_with_a_float_base():
