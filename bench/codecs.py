@@ -74,6 +74,7 @@ def main() -> None:
         for key in [k for k in r if k.endswith("_s")]:
             r[key.removesuffix("_s") + "_GBps"] = src_bytes / r[key] / 1e9
         r["native_vs_gguf_py"] = r["gguf_py_s"] / r["native_s"] if native else None
+        r["reused_out_vs_gguf_py"] = r["gguf_py_s"] / r["native_reuse_out_s"] if native else None
         r["twin_vs_gguf_py"] = r["gguf_py_s"] / r["twin_s"]
         results["types"][name] = r
     results["load_after"] = os.getloadavg()[0]
@@ -83,13 +84,14 @@ def main() -> None:
     print(f"{args.rows}x{args.cols} bf16 ({src_bytes / 1e6:.0f} MB), load {results['load_before']:.1f}"
           f"->{results['load_after']:.1f} on {results['cpus']} CPUs; rates in GB/s of bf16 source")
     print(f"{'type':6} {'native':>14} {'reused out':>14} {'native 1 thr':>14} {'twin':>14} {'gguf-py':>14} "
-          f"{'x gguf-py':>10} {'deq->bf16':>14}")
+          f"{'x gguf-py':>10} {'reused x':>9} {'deq->bf16':>14}")
     for name, r in results["types"].items():
         def cell(key):
             return f"{r[key + '_s']:6.3f}s {r[key + '_GBps']:5.2f}" if key + "_s" in r else f"{'-':>14}"
-        ratio = f"{r['native_vs_gguf_py']:9.1f}x" if r["native_vs_gguf_py"] else f"{'-':>10}"
+        ratio = f"{r['native_vs_gguf_py']:9.1f}x" if native else f"{'-':>10}"
+        reused = f"{r['reused_out_vs_gguf_py']:8.1f}x" if native else f"{'-':>9}"
         print(f"{name:6} {cell('native'):>14} {cell('native_reuse_out'):>14} {cell('native_1thread'):>14} "
-              f"{cell('twin'):>14} {cell('gguf_py'):>14} {ratio} {cell('native_dequant_bf16'):>14}")
+              f"{cell('twin'):>14} {cell('gguf_py'):>14} {ratio} {reused} {cell('native_dequant_bf16'):>14}")
 
 
 if __name__ == "__main__":
