@@ -4,6 +4,17 @@ The weight is decoded right before use into a reusable scratch buffer (one per d
 and slot, shared by every layer of a model), so a forward never holds more than one or
 two dense copies of weights that live quantized: q8_0/q4_0/... GGUF blocks, f16/bf16,
 or ComfyUI's scaled fp8 (float8_e4m3fn values times a scale).
+
+LoRAs never rewrite the stored weight. Their factors are three more buffers of the
+layer (so they move with it): `lora_down` [R, in] and `lora_up` [out, R], the factors of
+every LoRA on this layer stacked along the rank, and `lora_scale` [R] float32, the
+strength · alpha / rank of the LoRA each rank row belongs to. Each call applies them
+one of two ways, both exact to float32 rounding:
+  merge: W' = W + up·diag(scale)·down added to the decoded weight right after decoding
+         (float32 product), before the one matmul;
+  side:  y = x·Wᵀ + b + ((x·downᵀ)·scale)·upᵀ, two thin matmuls beside the big one.
+`lora_mode` picks: "merge", "side", or "auto" (default), whichever does fewer
+multiply-adds for this call: the merge costs out·in·R, the side path tokens·(in+out)·R.
 """
 from __future__ import annotations
 
@@ -20,6 +31,8 @@ FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Packed weights are decoded this many values at a time.
 DECODE_CHUNK_VALUES = 1 << 24
+
+LORA_MODES = ("auto", "merge", "side")
 
 
 class ScratchPool:
@@ -74,6 +87,10 @@ class QLinear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.register_buffer("weight_scale", None)
+        self.register_buffer("lora_down", None)
+        self.register_buffer("lora_up", None)
+        self.register_buffer("lora_scale", None)
+        self.lora_mode = "auto"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,13 +124,18 @@ class QLinear(nn.Module):
         """The dtype of a dense weight; None when it is packed."""
         return self.weight.dtype if self.ggml_type is None else None
 
-    def _decode_rows(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    def _decode_rows(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None,
+                     copy: bool = False) -> torch.Tensor:
+        """Rows [r0, r1) as `dtype`, in `out` when given; `copy` forbids returning the
+        stored tensor itself (the result is about to be written to)."""
         n_in = self.in_features
         if self.ggml_type is None:
             w = self.weight[r0:r1]
             if self.weight_scale is None:
-                if out is None or w.dtype == dtype:
-                    return w if w.dtype == dtype else w.to(dtype)
+                if w.dtype == dtype and not copy:
+                    return w
+                if out is None:
+                    return w.to(dtype, copy=True)
                 return decode(w, None, (r1 - r0, n_in), dtype, out=out)
             # fp8: value·scale computed in float32, rounded once to `dtype`.
             s = self.weight_scale if self.weight_scale.dim() == 0 else self.weight_scale[r0:r1]
@@ -139,15 +161,20 @@ class QLinear(nn.Module):
     def needs_decode(self, dtype: torch.dtype) -> bool:
         return not (self.ggml_type is None and self.weight_scale is None and self.weight.dtype == dtype)
 
-    def dense_weight(self, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
-        """The whole weight as `dtype` [out, in]: the stored tensor itself when it already
-        is that dtype, else a scratch view valid until the next decode into `slot`."""
-        if not self.needs_decode(dtype):
+    def dense_weight(self, dtype: torch.dtype, slot: int = 0, *, lora: bool = True) -> torch.Tensor:
+        """The whole weight as `dtype` [out, in], with the LoRAs merged in unless `lora`
+        is False: the stored tensor itself when it already is that dtype and nothing is
+        merged, else a scratch view valid until the next decode into `slot`."""
+        merge = lora and self.lora_down is not None
+        if not merge and not self.needs_decode(dtype):
             return self.weight
         out = None
         if self.scratch is not None:
             out = self.scratch.take(self.weight_numel, dtype, self.weight.device, slot).view(self.shape)
-        return self._decode_rows(0, self.out_features, dtype, out)
+        w = self._decode_rows(0, self.out_features, dtype, out, copy=merge)
+        if merge:
+            self._merge_lora_(w, 0, self.out_features)
+        return w
 
     @property
     def weight_numel(self) -> int:
@@ -156,16 +183,81 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
         dtype = x.dtype
         b = None if self.bias is None else self.bias.to(dtype)
+        has_lora = self.lora_down is not None
+        merge = has_lora and self.lora_merges(x.numel() // self.in_features)
         chunk = self._row_chunk(dtype)
-        if not self.needs_decode(dtype) or chunk >= self.out_features:
-            return F.linear(x, self.dense_weight(dtype, slot), b)
-        # Too large for the shared scratch: decode and apply a block of output rows at a time.
-        y = x.new_empty(*x.shape[:-1], self.out_features)
-        for r0 in range(0, self.out_features, chunk):
-            r1 = min(self.out_features, r0 + chunk)
-            out = self.scratch.take((r1 - r0) * self.in_features, dtype, self.weight.device, slot).view(r1 - r0, -1)
-            w = self._decode_rows(r0, r1, dtype, out)
-            y[..., r0:r1] = F.linear(x, w, None if b is None else b[r0:r1])
+        if (not self.needs_decode(dtype) and not merge) or chunk >= self.out_features:
+            y = F.linear(x, self.dense_weight(dtype, slot, lora=merge), b)
+        else:
+            # Too large for the shared scratch: decode and apply a block of output rows at a time.
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            for r0 in range(0, self.out_features, chunk):
+                r1 = min(self.out_features, r0 + chunk)
+                out = self.scratch.take((r1 - r0) * self.in_features, dtype, self.weight.device, slot).view(r1 - r0, -1)
+                w = self._decode_rows(r0, r1, dtype, out, copy=merge)
+                if merge:
+                    self._merge_lora_(w, r0, r1)
+                y[..., r0:r1] = F.linear(x, w, None if b is None else b[r0:r1])
+        if has_lora and not merge:
+            self.lora_side_(x, y)
+        return y
+
+    # -- LoRA ------------------------------------------------------------------------------
+
+    def set_lora(self, down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor, mode: str = "auto") -> None:
+        """Factors [R, in] and [out, R] (float, any width) and the float32 scale of each of
+        the R rank rows; they replace any earlier ones. The stored weight is not touched."""
+        if mode not in LORA_MODES:
+            raise ValueError(f"LoRA mode {mode!r}: expected one of {', '.join(LORA_MODES)}")
+        r = down.shape[0]
+        if down.shape != (r, self.in_features) or up.shape != (self.out_features, r) or scale.shape != (r,):
+            raise ValueError(
+                f"LoRA factors {list(down.shape)} / {list(up.shape)} / scale {list(scale.shape)} do not fit a "
+                f"linear of shape {list(self.shape)}: expected [R, {self.in_features}] / [{self.out_features}, R] / [R]")
+        self.lora_down, self.lora_up, self.lora_scale = down, up, scale.to(torch.float32)
+        self.lora_mode = mode
+
+    def clear_lora(self) -> None:
+        self.lora_down = self.lora_up = self.lora_scale = None
+
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.lora_down is None else int(self.lora_down.shape[0])
+
+    def lora_merges(self, tokens: int) -> bool:
+        """Whether a call on `tokens` input rows merges the LoRA into the decoded weight
+        (else it runs the side path)."""
+        if self.lora_mode == "merge":
+            return True
+        if self.lora_mode == "side":
+            return False
+        return tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
+
+    def lora_beside(self, tokens: int) -> bool:
+        """Whether a call on `tokens` rows runs a LoRA as the side path (False: no LoRA,
+        or merged into the weight that `dense_weight` returns)."""
+        return self.lora_down is not None and not self.lora_merges(tokens)
+
+    def _merge_lora_(self, w: torch.Tensor, r0: int, r1: int) -> None:
+        """w (rows [r0, r1) of the decoded weight) += up·diag(scale)·down, the product in
+        float32 over row chunks of a few million values."""
+        down = self.lora_down.to(torch.float32)
+        step = max(1, DECODE_CHUNK_VALUES // self.in_features)
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            up = self.lora_up[a:b].to(torch.float32) * self.lora_scale
+            rows = w[a - r0 : b - r0]
+            if rows.dtype == torch.float32:
+                rows.addmm_(up, down)
+            else:
+                rows += up @ down  # added in float32, rounded once to the weight's dtype
+
+    def lora_side_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y += ((x·downᵀ)·scale)·upᵀ in place, in x's dtype; y = this layer's output for x."""
+        dtype = x.dtype
+        t = F.linear(x.reshape(-1, self.in_features), self.lora_down.to(dtype))  # [tokens, R]
+        t.mul_(self.lora_scale.to(dtype))
+        y.view(-1, self.out_features).addmm_(t, self.lora_up.to(dtype).t())
         return y
 
     def extra_repr(self) -> str:
@@ -175,4 +267,5 @@ class QLinear(nn.Module):
             kind = f"scaled {self.weight.dtype}"
         else:
             kind = str(self.weight.dtype)
-        return f"in={self.in_features}, out={self.out_features}, weight={kind}, bias={self.bias is not None}"
+        lora = f", lora rank {self.lora_rank} ({self.lora_mode})" if self.lora_down is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, weight={kind}, bias={self.bias is not None}{lora}"
