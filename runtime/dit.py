@@ -326,14 +326,22 @@ class Block(nn.Module):
         """Linear -> GELU(tanh) -> Linear, over `st.ffn_chunk_tokens` tokens at a time; both
         weights are decoded once (two scratch slots) and reused by every chunk."""
         up, down = self.ffn[0], self.ffn[2]
-        w_up, w_down = up.dense_weight(st.dtype, slot=0), down.dense_weight(st.dtype, slot=1)
+        # A LoRA is merged into the decoded weight, or runs beside the matmul (QLinear).
+        side_up, side_down = up.lora_beside(x.shape[0]), down.lora_beside(x.shape[0])
+        w_up = up.dense_weight(st.dtype, slot=0, lora=not side_up)
+        w_down = down.dense_weight(st.dtype, slot=1, lora=not side_down)
         b_up, b_down = up.bias.to(st.dtype), down.bias.to(st.dtype)
         chunk = st.chunk_tokens(x.shape[-1])
         for seg, s, e in chunks(segments, st.ffn_chunk_tokens):
             h = modulated_norm(x[s:e], shift, scale, [seg.piece(s, e)], st.dtype, self.eps, chunk)
-            a = torch.ops.aten.gelu_(F.linear(h, w_up, b_up), approximate="tanh")
+            a = F.linear(h, w_up, b_up)
+            if side_up:
+                up.lora_side_(h, a)
+            a = torch.ops.aten.gelu_(a, approximate="tanh")
             del h
             out = F.linear(a, w_down, b_down)
+            if side_down:
+                down.lora_side_(a, out)
             del a
             x[s:e].addcmul_(out, seg.rows(gate, s, e))
 
