@@ -413,6 +413,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="codec threads (default: all cores but one, which writes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print every tensor's type and why")
+    p.add_argument("--lora", action="append", default=[], metavar="[EXPERT=]PATH[:STRENGTH]",
+                   help="merge a LoRA into the weights (float32) before they are quantized, e.g. "
+                   "lightx2v_high.safetensors:1.0; several allowed; high=/low= bakes it into that expert only")
     p.add_argument("--dequantize", action="store_true", help="SRC OUT.safetensors: write the tensors as floats")
     p.add_argument("--dtype", choices=list(DEQUANT_DTYPES), default="bf16",
                    help="with --dequantize: float type of the output (default bf16)")
@@ -426,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     *sources, out = args.paths
     source = sources[0] if len(sources) == 1 else sources
     try:
+        if args.dequantize and args.lora:
+            raise ConvertError("--lora bakes LoRAs into a GGUF conversion; it does not apply with --dequantize")
         if args.dequantize:
             path = dequantize_to_safetensors(source, out, dtype=DEQUANT_DTYPES[args.dtype], force=args.force,
                                              progress=not args.quiet, threads=args.threads)
@@ -433,6 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.type is None:
             raise ConvertError(f"--type is required: one of {_type_names()}")
+        hooks = ()
+        if args.lora:
+            from .lora_bake import bake_hook
+
+            bake = bake_hook(source, args.lora, expert=args.expert)
+            for note in bake.notes:
+                print(f"note: {note}")
+            hooks = (bake,)
         options = ConvertOptions(
             type=parse_type(args.type),
             via=parse_type(args.via) if args.via else None,
@@ -443,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             force=args.force,
             threads=args.threads,
             progress=not args.quiet,
+            weight_hooks=hooks,
         )
         result = convert(source, out, options)
     except KeyboardInterrupt:

@@ -65,8 +65,8 @@ def bake_hook(source, loras: Sequence[str | LoraSpec], *, expert: str | None = N
     for spec in specs:
         if spec.expert != "both":
             if this is None:
-                raise LoraError(f"LoRA {spec} is for the {spec.expert}-noise expert, but which expert {source} is "
-                                "is unknown; pass --expert high_noise or --expert low_noise")
+                raise LoraError(f"LoRA {spec} is for the {spec.expert}-noise expert, but {source} is not marked as "
+                                "either expert; pass --expert high_noise or --expert low_noise")
             if spec.expert != this:
                 notes.append(f"LoRA {spec.path} is for the {spec.expert}-noise expert: not baked into this "
                              f"{this}-noise expert")
