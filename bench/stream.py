@@ -64,7 +64,7 @@ from runtime.stream.budget import (  # noqa: E402
 )
 from runtime.stream.engine import move_outside_blocks  # noqa: E402
 from runtime.stream.host import PINNED, HostStore, build_layouts  # noqa: E402
-from runtime.stream.plan import dit_flops_per_block  # noqa: E402
+from runtime.stream.activations import dit_flops_per_block  # noqa: E402
 
 A14B = DiTConfig("i2v", 36, 16, 5120, 13824, 256, 4096, 40, 40, (1, 2, 2), "argument")
 TINY = DiTConfig("i2v", 36, 16, 256, 688, 256, 64, 2, 6, (1, 2, 2), "argument")

@@ -325,6 +325,40 @@ def test_expert_prefetch_in_background(tmp_path):
         es.close()
 
 
+def t5_streamed(golden, device):
+    """(plain output, streamed output) of the golden tiny umt5 GGUF, every block streamed
+    through a 2-slot ring, the token table left in host memory."""
+    from quant.t5_names import official_name
+    from runtime.t5 import load_text_encoder
+    from safetensors.torch import load_file
+
+    folder = golden / "t5"
+    path = next(folder.glob("*.gguf"))
+    io = load_file(str(folder / "io.safetensors"))
+    plain = load_text_encoder(path, folder / "tokenizer", device=device, dtype=torch.float32, cache=False)
+    ref = plain.forward(io["ids"], io["mask"])
+    enc = load_text_encoder(path, folder / "tokenizer", dtype=torch.float32, cache=False)
+    source = FileSource.from_gguf(path, rename=official_name)
+    layouts = build_layouts(enc.model.blocks, "blocks", source)
+    assert all(layout.runs for layout in layouts)  # the packed linears come from the file
+    sizes = [layout.nbytes for layout in layouts]
+    plan = make_plan(len(sizes), sizes, host=[PINNED, STAGED] * (len(sizes) // 2) + [PINNED] * (len(sizes) % 2), staging=2)
+    engine = attach(enc.model, plan, source=source, device=device, exclude=("token_embedding",), progress=False)
+    enc.device = torch.device(device)
+    try:
+        outs = [enc.forward(io["ids"], io["mask"]) for _ in range(2)]
+    finally:
+        engine.close()
+    return ref, outs
+
+
+@pytest.mark.golden
+def test_text_encoder_streams_exactly(golden):
+    ref, outs = t5_streamed(golden, "cpu")
+    for out in outs:
+        assert torch.equal(out, ref)
+
+
 # -- GPU ----------------------------------------------------------------------------------
 
 
@@ -354,3 +388,25 @@ def test_gpu_streamed_forward_is_bit_identical(toy, tmp_path, placement):
     finally:
         engine.close()
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.golden
+def test_gpu_text_encoder_streams_exactly(golden):
+    ref, outs = t5_streamed(golden, "cuda")
+    for out in outs:
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_too_small_a_budget_is_refused_before_any_work(toy):
+    """A budget below one block plus the activations gives the planner's message, and no
+    device memory is taken."""
+    model, _, _ = toy
+    weights = BlockWeights.of(model)
+    before = torch.cuda.memory_allocated()
+    info = DeviceInfo.probe("cuda")
+    tiny = info.overhead + weights.largest  # room for less than the two ring slots
+    with pytest.raises(PlanError, match=r"needs .* GiB of GPU memory; the budget is"):
+        plan_blocks(weights, activation=lambda f, h: 64 * MiB, vram=f"{tiny}B", ram=1, device=info)
+    assert torch.cuda.memory_allocated() == before

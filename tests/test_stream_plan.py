@@ -16,7 +16,8 @@ from runtime.dit import ComputeSettings, WanDiT
 from runtime.dit_config import DiTConfig, detect_config
 from runtime.stream import BlockWeights, PlanError, Request, parse_memory, plan_dit
 from runtime.stream.budget import AUTO, GiB, MiB, DeviceInfo
-from runtime.stream.plan import PINNED, STAGED, dit_activation_bytes
+from runtime.stream.activations import dit_activation_bytes, t5_activation_bytes
+from runtime.stream.plan import PINNED, STAGED
 
 OVERHEAD = int(0.6 * GiB)
 
@@ -225,3 +226,26 @@ def test_activation_formula_matches_a_measured_forward(ffn_chunk, head_chunk):
         ffn_chunk=ffn_chunk, head_chunk=head_chunk, chunk_values=chunk_values,
     )
     assert 0.97 <= predicted / mode.peak <= 1.15, (predicted, mode.peak)
+
+
+def test_t5_activation_formula_matches_a_measured_forward():
+    from runtime.t5 import T5Config, UMT5Encoder
+
+    cfg = T5Config(vocab=512, dim=256, dim_attn=256, dim_ffn=640, num_heads=4, num_layers=1)
+    torch.manual_seed(0)
+    model = UMT5Encoder(cfg, torch.bfloat16)
+    for name, b in model.named_buffers():
+        b.data = torch.randn(b.shape).to(torch.bfloat16) * 0.05
+    batch, tokens = 2, 256
+    ids = torch.randint(0, cfg.vocab, (batch, tokens))
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[1, 200:] = 0
+    with torch.no_grad():
+        mode = LiveBytes(s.untyped_storage().data_ptr() for s in model.buffers())
+        with mode:
+            model(ids, mask)
+    predicted = t5_activation_bytes(
+        dim=cfg.dim, dim_attn=cfg.dim_attn, dim_ffn=cfg.dim_ffn, heads=cfg.num_heads, tokens=tokens, batch=batch,
+        dtype_bytes=2,
+    )
+    assert 0.97 <= predicted / mode.peak <= 1.2, (predicted, mode.peak)

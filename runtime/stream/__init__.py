@@ -11,6 +11,10 @@ behind compute, one expert in RAM.
     ...
     engine.close()
 
+The umt5 encoder streams the same way: `plan_t5(encoder.model.cfg, weights=...)`, then
+`attach(encoder.model, plan, source=FileSource.from_gguf(path, rename=official_name),
+exclude=("token_embedding",))` (its token table stays in host memory).
+
 Two experts that run one after the other share one device arena and, when RAM is short,
 one expert's worth of host memory: `ExpertSet({"high": (m1, s1), "low": (m2, s2)}, plan)`,
 then `experts.activate("high")` ... `experts.activate("low")`.
@@ -22,7 +26,8 @@ from .budget import AUTO, GiB, DeviceInfo, parse_memory, pinned_bytes
 from .engine import StreamEngine, attach, move_outside_blocks
 from .experts import ExpertSet
 from .host import FileSource
-from .plan import BlockWeights, Plan, PlanError, Request, dit_activation_bytes, plan_blocks, plan_dit
+from .activations import dit_activation_bytes, t5_activation_bytes
+from .plan import BlockWeights, Plan, PlanError, Request, plan_blocks, plan_dit, plan_t5
 
 __all__ = [
     "AUTO",
@@ -42,4 +47,6 @@ __all__ = [
     "pinned_bytes",
     "plan_blocks",
     "plan_dit",
+    "plan_t5",
+    "t5_activation_bytes",
 ]

@@ -25,6 +25,15 @@ from torch import nn
 
 from quant.ggml_types import GGMLType, parse_type, traits
 
+from .activations import (
+    DEFAULT_CHUNK_VALUES,
+    dit_activation_bytes,
+    dit_chunk_options,
+    dit_flops_per_block,
+    dit_scratch_bytes,
+    t5_activation_bytes,
+    t5_flops_per_block,
+)
 from .budget import AUTO, AUTO_RAM_MARGIN, DEFAULT_DEVICE_OVERHEAD, GiB, MiB, DeviceInfo, host_available
 
 # Bytes the allocator needs beyond the tensors it hands out: cuBLAS/cuDNN workspaces
@@ -37,9 +46,6 @@ FRAGMENTATION = 0.08  # of the activation peak
 # figure is the cautious one.
 DEVICE_BALANCE = 15_000.0  # FLOP per byte copied
 OVERLAP_SHARE = 0.7  # share of compute time the copies may take
-# Per value of an elementwise chunk (norm in float32, rope in float64): temporaries.
-ELEMENTWISE_BYTES_PER_VALUE = 48
-DEFAULT_CHUNK_VALUES = 1 << 23  # runtime.dit.DEFAULT_CHUNK_VALUES
 
 PINNED, STAGED, DROPPED = "pinned", "staged", "dropped"
 
@@ -107,14 +113,16 @@ class BlockWeights:
         return sum(self.block_bytes) + self.other_bytes
 
     @classmethod
-    def of(cls, model: nn.Module, source=None, prefix: str = "blocks") -> "BlockWeights":
+    def of(cls, model: nn.Module, source=None, prefix: str = "blocks", exclude: Sequence[str] = ()) -> "BlockWeights":
         """Exact sizes of `model`'s blocks (`model.<prefix>`, an nn.ModuleList) as the
-        engine will lay them out, reading from `source` (a FileSource) where it can."""
+        engine will lay them out, reading from `source` (a FileSource) where it can;
+        `exclude` names submodules that stay off the device (as in `attach`)."""
         from .host import build_layouts
 
         blocks = model.get_submodule(prefix)
         layouts = build_layouts(blocks, prefix, source)
-        inside = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+        kept = [blocks, *(model.get_submodule(n) for n in exclude)]
+        inside = {id(t) for m in kept for t in (*m.parameters(), *m.buffers())}
         other = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in inside)
         types: dict[str, int] = {}
         lin_params = lin_bytes = 0
@@ -281,7 +289,6 @@ class Plan:
 
 # -- the generic planner -------------------------------------------------------------------
 
-Chunks = tuple[int | None, int | None]  # (ffn tokens, attention heads)
 
 
 def _spread(n: int, k: int) -> tuple[int, ...]:
@@ -457,77 +464,6 @@ def _plan(
 # -- the Wan DiT ----------------------------------------------------------------------------
 
 
-def dit_activation_bytes(
-    *,
-    dim: int,
-    ffn_dim: int,
-    heads: int,
-    tokens: int,
-    text_len: int,
-    batch: int,
-    dtype_bytes: int,
-    ffn_chunk: int | None = None,
-    head_chunk: int | None = None,
-    chunk_values: int = DEFAULT_CHUNK_VALUES,
-) -> int:
-    """Peak bytes of activations in one forward of `runtime.dit.WanDiT` (weights, ring and
-    decode scratch not included), `tokens` per sample, `batch` samples per block call.
-
-    With T = batch·tokens and e = dtype_bytes, the forward holds the float32 residual
-    stream x (4·T·dim) throughout; each phase of a block adds (as the code allocates):
-      self-attention   h, q, k, v and the attention output: 5·e·T·dim (h stays alive
-                       while the block's call into the attention runs); chunking by heads
-                       adds one chunk's result (it bounds only a kernel's own workspace)
-      cross-attention  LN3(x), q, the attention output, its reshaped copy, the
-                       projection: 4·e·T·dim
-      FFN              per chunk of c tokens: e·c·(dim + ffn_dim)
-      head             LN(x)·(1+scale)+shift in float32: 4·T·dim
-    block 0 also holds the bf16 patch tokens (e·T·dim) once x becomes float32; elementwise
-    work (norms in float32, rope in float64) runs over chunks of `chunk_values` values with
-    ELEMENTWISE_BYTES_PER_VALUE bytes of temporaries each; cross-attention adds the text
-    k/v (2·e·batch·text_len·dim); the text context (e·batch·text_len·dim) and the rope
-    table (complex128 [tokens, head_dim/2]) persist."""
-    T = batch * tokens
-    td = T * dim
-    e = dtype_bytes
-    x = 4 * td
-    elementwise = ELEMENTWISE_BYTES_PER_VALUE * min(chunk_values, tokens * dim)
-    attn = 5 * e * td
-    if head_chunk is not None and head_chunk < heads:
-        attn += e * td * head_chunk / heads  # a chunk's result before it joins the output
-    self_attn = x + max(attn, 3 * e * td + elementwise)
-    text = e * batch * text_len * dim
-    # block 0 still holds the bf16 patch tokens; LN3(x), q, the output (and the text k/v
-    # during the attention, its reshaped copy and the projection after)
-    cross = x + e * td + max(4 * e * td, 3 * e * td + 2 * text)
-    c = T if ffn_chunk is None else min(T, ffn_chunk)
-    ffn = x + e * td + e * c * (dim + ffn_dim) + elementwise
-    head = x + 4 * td + elementwise
-    persistent = text + tokens * (dim // heads // 2) * 16
-    return max(self_attn, cross, ffn, head) + persistent
-
-
-def dit_flops_per_block(*, dim: int, ffn_dim: int, tokens: int, text_len: int, batch: int) -> float:
-    """Multiply-adds ×2 of one block call: projections, FFN, self- and cross-attention."""
-    linear = tokens * (6 * dim * dim + 2 * dim * ffn_dim) + text_len * 2 * dim * dim
-    attention = 2 * tokens * tokens * dim + 2 * tokens * text_len * dim
-    return 2.0 * batch * (linear + attention)
-
-
-def dit_chunk_options(tokens: int, batch: int, heads: int) -> list[Chunks]:
-    """(ffn tokens, attention heads) from none to the finest worth trying."""
-    T = batch * tokens
-    ffn = [None] + [T >> k for k in range(1, 8) if (T >> k) >= 1024]
-    hd = [None] + [heads >> k for k in range(1, 6) if (heads >> k) >= 1]
-    return sorted(((f, h) for f in ffn for h in hd), key=lambda o: (o[1] is not None, o[0] is not None, -(o[0] or T), -(o[1] or heads)))
-
-
-def dit_scratch_bytes(dim: int, ffn_dim: int) -> int:
-    """The DiT's decode scratch: two slots (the FFN's two weights) of the largest block
-    linear in 2-byte elements (runtime.dit.WanDiT.scratch)."""
-    return 2 * max(dim * dim, dim * ffn_dim) * 2
-
-
 def plan_dit(
     config,
     request: Request,
@@ -625,3 +561,50 @@ def _ways_out(attempt, req: Request, w: BlockWeights) -> list[str]:
 
 def _or(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+# -- the umt5 text encoder ----------------------------------------------------------------------
+
+
+def plan_t5(
+    config,
+    *,
+    weights: BlockWeights,
+    tokens: int = 512,
+    batch: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    vram="auto",
+    ram="auto",
+    device=None,
+    prefetch_depth: int = 1,
+    staging_slots: int = 2,
+    resident: str | int = "auto",
+) -> Plan:
+    """Plan the umt5 encoder (`config` a runtime.t5.T5Config) for `batch` prompts of up
+    to `tokens` tokens. Its token table stays in host memory (attach with
+    exclude=("token_embedding",)) and `weights` is `BlockWeights.of(model, source,
+    exclude=("token_embedding",))`: only what goes to the device counts."""
+    from .budget import parse_memory
+
+    vram, ram = parse_memory(vram, "--vram"), parse_memory(ram, "--ram")
+    e = torch.empty((), dtype=dtype).element_size()
+    act = t5_activation_bytes(
+        dim=config.dim, dim_attn=config.dim_attn, dim_ffn=config.dim_ffn, heads=config.num_heads,
+        tokens=tokens, batch=batch, dtype_bytes=e,
+    )
+    flops = t5_flops_per_block(
+        dim=config.dim, dim_attn=config.dim_attn, dim_ffn=config.dim_ffn, tokens=tokens, batch=batch
+    )
+    title = f"umt5 encoder, {batch} prompts × {tokens} tokens, {len(weights.block_bytes)} blocks of " \
+            f"{weights.largest / MiB:.0f} MiB {weights.label}".rstrip()
+    try:
+        return _plan(
+            weights, lambda f, h: act, ((None, None),), flops, 0, vram, ram, _device_info(device, vram),
+            prefetch_depth, staging_slots, resident, title,
+        )
+    except PlanError as err:
+        if "GPU memory" not in str(err):
+            raise
+        raise PlanError(
+            f"the text encoder {err}: encode fewer prompts at once, or encode on the CPU", err.needed, err.budget
+        ) from None
