@@ -140,13 +140,28 @@ def working_set(config: VAEConfig, op: str) -> WorkingSet:
     return WorkingSet(lc, ll, gc, gl, weights, channels)
 
 
-def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
-                 tile: int | tuple[int, int] | None = None, dtype: torch.dtype = torch.float32,
-                 overlap: int = DEFAULT_OVERLAP, input_on_device: bool = False) -> int:
-    """Estimated peak device memory, in bytes, of encoding a [3, frames, height, width]
-    video or decoding the latent of one, with spatial tiles of `tile` latent pixels (None:
-    untiled) and weights/activations in `dtype`. Outputs are float32 on the device; the
-    encoder's input video is counted only when `input_on_device`."""
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak device bytes of one encode/decode, by part."""
+
+    weights: int
+    io: int  # output (float32), latent, blend buffers; the input video only if on the device
+    cache: int  # feature cache of a tile (the untiled middle's over the whole frame)
+    activations: int
+    margin: int  # cuDNN workspaces, allocator rounding
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.io + self.cache + self.activations + self.margin
+
+
+def memory_estimate(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
+                    tile: int | tuple[int, int] | None = None, dtype: torch.dtype = torch.float32,
+                    overlap: int = DEFAULT_OVERLAP, input_on_device: bool = False) -> MemoryEstimate:
+    """Estimated peak device memory of encoding a [3, frames, height, width] video or
+    decoding the latent of one, with spatial tiles of `tile` latent pixels (None: untiled)
+    and weights/activations in `dtype`. Outputs are float32 on the device; the encoder's
+    input video is counted only when `input_on_device` (it moves one frame at a time)."""
     if op not in ("encode", "decode"):
         raise ValueError(f"op must be 'encode' or 'decode', not {op!r}")
     st, sh, sw = config.stride
@@ -156,9 +171,8 @@ def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: in
     item = torch.empty((), dtype=dtype).element_size()
     ws = working_set(config, op)
     full, part = lat_h * lat_w, th * tw
-    cache = ws.local_cache * part + ws.global_cache * full
-    largest = max(ws.local_largest * part, ws.global_largest * full)
-    working = (cache + ACTIVATION_FACTOR * largest) * item
+    cache = (ws.local_cache * part + ws.global_cache * full) * item
+    largest = max(ws.local_largest * part, ws.global_largest * full) * item
     pixels = 3 * frames * height * width
     latent = config.z_dim * lat_f * full
     if op == "encode":
@@ -168,8 +182,15 @@ def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: in
     else:
         io = pixels * 4 + latent * (4 + item)
         io += height * width * 4 if plan.tiled else 0
-    total = ws.weights * item + io + working
-    return int(total * (1 + MARGIN_FRACTION) + MARGIN_BYTES)
+    weights = ws.weights * item
+    activations = ACTIVATION_FACTOR * largest
+    margin = MARGIN_FRACTION * (weights + io + cache + activations) + MARGIN_BYTES
+    return MemoryEstimate(int(weights), int(io), int(cache), int(activations), int(margin))
+
+
+def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: int, **kwargs) -> int:
+    """`memory_estimate(...).total`: estimated peak device bytes of a VAE encode/decode."""
+    return memory_estimate(config, op, frames, height, width, **kwargs).total
 
 
 def choose_tile(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
@@ -186,7 +207,7 @@ def choose_tile(config: VAEConfig, op: str, frames: int, height: int, width: int
 
     if fits(None):
         return None
-    smallest = 2 * overlap + 1
+    smallest = overlap + 1
     best = None
     for ny in range(1, lat_h + 1):
         th = spans(lat_h, -(-(lat_h + (ny - 1) * overlap) // ny), overlap)
