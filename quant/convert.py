@@ -17,9 +17,9 @@ low_noise, from the source's path or `--expert`) and `wan.attention.head_count` 
 config.json or `--num-heads`; inferred from the width only for official Wan widths,
 and said so). Without the extras the output is byte-identical to city96's route.
 
-Memory stays near one tensor: tensors are read one at a time (the next one is read
-while the current one is quantized) and streamed into the file, which is written to a
-temporary name beside OUT and renamed when complete.
+Memory stays near one tensor: tensors are read one at a time (the next one is read and
+quantized while the current one is written) and streamed into the file, which is
+written to a temporary name beside OUT and renamed when complete.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def convert(source, out: str | Path, options: ConvertOptions) -> ConvertResult:
         _require_wan_dit(ckpt)
         notes = list(ckpt.notes)
         plans = _plan(ckpt, target, options)
-        metadata = _metadata(ckpt, target, options, notes)
+        metadata = _metadata(ckpt, options, notes)
 
         writer = GGUFWriter(out, arch=ARCH, overwrite=options.force)
         writer.add_quantization_info(target)
@@ -135,7 +135,7 @@ def _source_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
     return ckpt.info(name).dtype or torch.float32
 
 
-def _metadata(ckpt: Checkpoint, target: GGMLType, options: ConvertOptions, notes: list[str]) -> dict:
+def _metadata(ckpt: Checkpoint, options: ConvertOptions, notes: list[str]) -> dict:
     """The extra metadata keys (name -> (value, GGUF value type))."""
     if not options.extra_metadata:
         return {}
@@ -285,7 +285,9 @@ def _quantize(x: torch.Tensor, ggml_type: GGMLType, round_via: GGMLType | None, 
 def _as_float(x, threads: int | None) -> torch.Tensor:
     """A float32/float16/bfloat16 CPU tensor of the stored values (exact widening)."""
     if isinstance(x, PackedTensor):
-        return codecs.dequantize(x.data, x.ggml_type, x.shape, dtype=torch.float32, threads=threads)
+        if x.ggml_type in LEGACY_QUANTS:
+            return codecs.dequantize(x.data, x.ggml_type, x.shape, dtype=torch.float32, threads=threads)
+        return x.dequantize(torch.float32)  # K-quants and others: the torch decoder
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return x
     if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -434,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dequantize:
             path = dequantize_to_safetensors(source, out, dtype=DEQUANT_DTYPES[args.dtype], force=args.force,
                                              progress=not args.quiet, threads=args.threads)
-            print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB, {args.dtype})")
+            print(f"wrote {path} ({_size(path.stat().st_size)}, {args.dtype})")
             return 0
         if args.type is None:
             raise ConvertError(f"--type is required: one of {_type_names()}")
@@ -490,9 +492,13 @@ def _report(r: ConvertResult, verbose: bool) -> None:
     extras = ", ".join(f"{k}={v[0]}" for k, v in r.metadata.items()) or "none"
     rate = r.source_bytes / r.seconds / 1e9 if r.seconds > 0 else float("inf")
     print(
-        f"wrote {r.path}: {len(r.plans)} tensors ({types}), {r.output_bytes / 1e9:.3f} GB from "
-        f"{r.source_bytes / 1e9:.3f} GB in {r.seconds:.1f} s ({rate:.2f} GB/s); extra metadata: {extras}"
+        f"wrote {r.path}: {len(r.plans)} tensors ({types}), {_size(r.output_bytes)} from {_size(r.source_bytes)} "
+        f"in {r.seconds:.1f} s ({rate:.2f} GB/s); extra metadata: {extras}"
     )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 if __name__ == "__main__":

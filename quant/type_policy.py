@@ -123,7 +123,7 @@ def plan_tensor(
     elif hiprec_source and ".modulation" in name:
         base_type, why = GGMLType.F32, "modulation, kept F32"
     else:
-        base_type, why = base, f"{base.name} base"
+        base_type, why = base, f"{base.name}, not quantized (as city96's files keep it)"
 
     # 2. Quantization of the block linear weights.
     ggml_type = base_type

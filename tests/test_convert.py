@@ -197,6 +197,43 @@ def test_requantize_from_gguf_and_keep_overrides(golden, tmp_path):
 
 
 @pytest.mark.golden
+def test_k_quant_sources_are_decoded(golden, tmp_path):
+    """Community files carry K-quants (Q4_K_M...): they decode through the torch decoder,
+    both for --dequantize and for requantizing."""
+    from quant.gguf_writer import GGUFWriter
+    from quant.packed import PackedTensor
+
+    src = golden / "gguf/wan_tiny/wan_tiny-Q8_0.gguf"
+    name = "blocks.0.ffn.2.weight"  # rows of 256 weights: one Q4_K super-block
+    mixed = tmp_path / "mixed.gguf"
+    with GGUFFile(src) as f:
+        shape = f.tensors[name].shape
+        n_blocks = shape[0] * shape[1] // 256
+        blocks = torch.randint(0, 256, (n_blocks, 144), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        blocks[:, 0:4] = torch.tensor([0x00, 0x14, 0x00, 0x10], dtype=torch.uint8)  # d, dmin: small fp16 scales
+        k_bytes = blocks.reshape(-1)
+        w = GGUFWriter(mixed, arch="wan")
+        w.add_quantization_info(GGMLType.Q8_0)
+        for n, t in f.tensors.items():
+            if n == name:
+                w.add_tensor(n, t.shape, GGMLType.Q4_K, lambda: k_bytes)
+            else:
+                w.add_tensor(n, t.shape, t.ggml_type, (lambda n=n: f.raw(n).clone()))
+        w.write()
+    expected = PackedTensor(k_bytes, GGMLType.Q4_K, shape).dequantize(torch.float32)
+    assert torch.isfinite(expected).all()
+
+    back = tmp_path / "back.safetensors"
+    assert _run(["--dequantize", mixed, back, "--dtype", "f32"]) == 0
+    assert torch.equal(load_file(str(back))[name], expected)
+    q = tmp_path / "q.gguf"
+    assert _run([mixed, q, "--type", "q8_0"]) == 0
+    with GGUFFile(q) as f:
+        assert f.tensors[name].ggml_type == GGMLType.Q8_0
+        assert torch.equal(f.raw(name), codecs.quantize(expected, GGMLType.Q8_0).reshape(-1))
+
+
+@pytest.mark.golden
 def test_refuses_to_overwrite_and_leaves_input_alone(golden, tmp_path, capsys):
     src = tmp_path / "wan.safetensors"
     shutil.copy(golden / "gguf/wan_tiny/wan_tiny.safetensors", src)
