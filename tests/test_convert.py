@@ -269,6 +269,26 @@ def test_failed_convert_leaves_no_file(golden, tmp_path):
 
 
 @pytest.mark.golden
+def test_ctrl_c_leaves_no_file(golden, tmp_path, monkeypatch, capsys):
+    import quant.convert as convert_module
+
+    real = convert_module.tensor_bytes
+    calls = []
+
+    def interrupted(plan, x, **kw):
+        calls.append(plan.name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(plan, x, **kw)
+
+    monkeypatch.setattr(convert_module, "tensor_bytes", interrupted)
+    out = tmp_path / "out.gguf"
+    assert _run([golden / "gguf/wan_tiny/wan_tiny.safetensors", out, "--type", "q4_0"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.golden
 def test_weight_hooks_see_float32_by_official_name(golden, tmp_path):
     seen = {}
 
