@@ -74,12 +74,24 @@ def dit_flops_per_block(*, dim: int, ffn_dim: int, tokens: int, text_len: int, b
     return 2.0 * batch * (linear + attention)
 
 
+# FFN chunks of this many tokens or more run their GEMMs as fast as the whole FFN.
+FREE_FFN_CHUNK = 16384
+
+
 def dit_chunk_options(tokens: int, batch: int, heads: int) -> list[Chunks]:
-    """(ffn tokens, attention heads) from none to the finest worth trying."""
+    """(ffn tokens, attention heads) worth trying: none, halvings of the FFN down to 1024
+    tokens, halvings of the heads."""
     T = batch * tokens
     ffn = [None] + [T >> k for k in range(1, 8) if (T >> k) >= 1024]
     hd = [None] + [heads >> k for k in range(1, 6) if (heads >> k) >= 1]
-    return sorted(((f, h) for f in ffn for h in hd), key=lambda o: (o[1] is not None, o[0] is not None, -(o[0] or T), -(o[1] or heads)))
+    return [(f, h) for f in ffn for h in hd]
+
+
+def dit_chunk_cost(option: Chunks) -> int:
+    """How much a chunking slows the forward, in rank: 0 free (none, or FFN chunks of
+    FREE_FFN_CHUNK tokens and more), 1 small FFN chunks, 2 attention by heads."""
+    ffn, heads = option
+    return 2 * (heads is not None) + (ffn is not None and ffn < FREE_FFN_CHUNK)
 
 
 def dit_scratch_bytes(dim: int, ffn_dim: int) -> int:

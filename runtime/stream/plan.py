@@ -28,6 +28,7 @@ from quant.ggml_types import GGMLType, parse_type, traits
 from .activations import (
     DEFAULT_CHUNK_VALUES,
     dit_activation_bytes,
+    dit_chunk_cost,
     dit_chunk_options,
     dit_flops_per_block,
     dit_scratch_bytes,
@@ -332,7 +333,7 @@ def plan_blocks(
     """Plan any module of equal-ish blocks.
 
     activation(ffn_chunk, head_chunk) -> bytes of the activation peak; chunk_options are
-    tried in order (least chunking first) and the first that fits is used.
+    tried in order (cheapest first) and the first that fits is used.
     flops_per_block: compute of one block per forward, to decide how many blocks must stay
     resident so that copies hide behind compute (resident="auto"); "max" keeps as many as
     fit, an int asks for that many (as far as they fit).
@@ -497,8 +498,10 @@ def plan_dit(
             f"{req.describe()} ({tokens:,} tokens × {req.batch}, {str(req.dtype).replace('torch.', '')}), "
             f"{len(w.block_bytes)} blocks of {w.largest / MiB:.0f} MiB {w.label}".rstrip()
         )
+        # the cheapest chunking first, and among equally cheap ones the leanest
+        options = sorted(dit_chunk_options(tokens, req.batch, config.num_heads), key=lambda o: (dit_chunk_cost(o), act(*o)))
         return _plan(
-            w, act, dit_chunk_options(tokens, req.batch, config.num_heads), flops,
+            w, act, options, flops,
             dit_scratch_bytes(config.dim, config.ffn_dim), vram, ram, info, prefetch_depth, staging_slots, resident,
             title,
         )
