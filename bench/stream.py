@@ -321,9 +321,9 @@ class Bench:
         weights = BlockWeights.of(model, source)
         cap = self.budget(run, weights, request)
         info = self.device_info(cap)
-        ram = "auto"
-        if run.disk:
-            ram = f"{sum(weights.block_bytes) // 2}B"
+        # RAM for every block (the shared pinned copies), or half the expert: staged from disk
+        expert = sum(weights.block_bytes)
+        ram = f"{expert // 2 if run.disk else 2 * expert}B"
         vram = "auto" if cap is None else f"{cap}B"
         res = {"request": request.describe(), "quant": run.quant, "cap_bytes": cap, "ram": ram,
                "overhead_bytes": info.overhead, "overhead_source": info.overhead_source}

@@ -121,13 +121,17 @@ class DeviceInfo:
 
 
 def _warm_up_libraries(device: torch.device) -> None:
-    """Load the cuBLAS and attention kernels once so that their driver memory is counted."""
+    """Load cuBLAS and attention kernels of the kind a DiT forward uses (large bf16 tiles,
+    head size 128) so that their driver memory is counted (~100 MB of temporaries)."""
     with torch.cuda.device(device):
-        a = torch.zeros(256, 256, device=device, dtype=torch.bfloat16)
+        a = torch.zeros(4096, 4096, device=device, dtype=torch.bfloat16)
         (a @ a).sum().item()
-        q = torch.zeros(1, 2, 128, 128, device=device, dtype=torch.bfloat16)
-        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().item()
-        del a, q
+        del a
+        from runtime.attention import sdpa  # the backend order the models use
+
+        q = torch.zeros(1, 4096, 8, 128, device=device, dtype=torch.bfloat16)
+        sdpa(q, q, q).sum().item()
+        del q
 
 
 def _nvml_used_by_others(index: int) -> int | None:
