@@ -72,49 +72,70 @@ def test_block_sizes_from_the_real_layout(a14b):
         assert w.linear_params == 8 * d * d + 2 * d * f
 
 
-@pytest.mark.parametrize("gib", [8, 10, 12, 16, 24, 40])
-def test_plan_keeps_its_promise(a14b, gib):
+def budgets(config, weights, req) -> list[int]:
+    """Six budgets from the least the request needs to all blocks resident (bytes)."""
+    with pytest.raises(PlanError) as err:
+        plan_dit(config, req, weights=weights, vram=f"{OVERHEAD + 1}B", ram=64, device=device(4096))
+    least = err.value.needed
+    full = plan_dit(config, req, weights=weights, vram=4096, ram=64, device=device(4096)).device.driver_peak
+    assert least < full
+    return [least + (full - least) * k // 5 for k in range(6)]
+
+
+@pytest.mark.parametrize("size", [(832, 480, 81), (1280, 720, 81)])
+def test_plan_keeps_its_promise(a14b, size):
     config, weights, _ = a14b
-    req = Request(832, 480, 81)
-    plan = plan_dit(config, req, weights=weights["q8_0"], vram=gib, ram=64, device=device())
-    d = plan.device
-    assert d.driver_peak <= gib * GiB
-    assert d.allocator_peak <= d.room
-    assert len(plan.resident) + len(plan.streamed) == config.num_layers
-    if plan.streamed:
-        assert plan.ring_slots >= 2 and plan.slot_bytes == max(weights["q8_0"].block_bytes[i] for i in plan.streamed)
-    # the activation term is the formula's for this request
+    req = Request(*size)
     tokens = req.tokens(config.patch_size)
-    assert d.activations == dit_activation_bytes(
-        dim=config.dim, ffn_dim=config.ffn_dim, heads=config.num_heads, tokens=tokens, text_len=config.text_len,
-        batch=2, dtype_bytes=2, ffn_chunk=plan.ffn_chunk, head_chunk=plan.head_chunk,
-    )
-    text = plan.describe()
-    assert "832×480×81" in text and "predicted peak" in text and f"{tokens:,} tokens" in text
+    for vram in budgets(config, weights["q8_0"], req):
+        plan = plan_dit(config, req, weights=weights["q8_0"], vram=f"{vram}B", ram=64, device=device(4096))
+        d = plan.device
+        assert d.driver_peak <= vram
+        assert d.allocator_peak <= d.room
+        assert len(plan.resident) + len(plan.streamed) == config.num_layers
+        if plan.streamed:
+            assert plan.ring_slots >= 2
+            assert plan.slot_bytes == max(weights["q8_0"].block_bytes[i] for i in plan.streamed)
+        # the activation term is the formula's for this request and the chunking chosen
+        assert d.activations == dit_activation_bytes(
+            dim=config.dim, ffn_dim=config.ffn_dim, heads=config.num_heads, tokens=tokens, text_len=config.text_len,
+            batch=2, dtype_bytes=2, ffn_chunk=plan.ffn_chunk, head_chunk=plan.head_chunk,
+        )
+        text = plan.describe()
+        assert req.describe() in text and "predicted peak" in text and f"{tokens:,} tokens" in text
 
 
 def test_resident_blocks_grow_with_the_budget(a14b):
     config, weights, _ = a14b
     req = Request(832, 480, 81)
     counts = [
-        len(plan_dit(config, req, weights=weights["q8_0"], vram=g, ram=64, device=device(), resident="max").resident)
-        for g in (8, 12, 16, 24)
+        len(plan_dit(config, req, weights=weights["q8_0"], vram=f"{v}B", ram=64, device=device(4096),
+                     resident="max").resident)
+        for v in budgets(config, weights["q8_0"], req)
     ]
-    assert counts == sorted(counts) and counts[-1] > counts[0]
-    # with everything in budget, everything stays on the GPU and nothing streams
-    plan = plan_dit(config, req, weights=weights["q8_0"], vram=120, ram=64, device=device())
+    assert counts == sorted(counts) and counts[0] < counts[-1] == config.num_layers
+    # with everything in budget, nothing streams
+    plan = plan_dit(config, req, weights=weights["q8_0"], vram=4096, ram=64, device=device(4096))
     assert plan.streamed == () and plan.ring_slots == 0
+    # "auto" keeps only what hiding the copies needs: at this size, none
+    plan = plan_dit(config, req, weights=weights["q8_0"], vram=f"{budgets(config, weights['q8_0'], req)[3]}B",
+                    ram=64, device=device(4096))
+    assert plan.resident == ()
 
 
 def test_too_small_a_budget_is_refused_with_ways_out_that_fit(a14b):
     config, weights, _ = a14b
     req = Request(1280, 720, 81)
-    budget = 6
+    with pytest.raises(PlanError) as err:  # a budget of nothing: the error says what it needs
+        plan_dit(config, req, weights=weights["q8_0"], vram=f"{OVERHEAD + 1}B", ram=64, device=device())
+    need = err.value.needed
+    budget = int(need * 0.85) / GiB  # short of it by 15%
     with pytest.raises(PlanError) as err:
         plan_dit(config, req, weights=weights["q8_0"], vram=budget, ram=64, device=device())
     e = err.value
     msg = str(e)
-    assert msg.startswith(f"needs {e.needed / GiB:.1f} GiB at 1280×720×81 with q8_0; the budget is {budget:.1f} GiB")
+    assert e.needed == need
+    assert msg.startswith(f"needs {need / GiB:.1f} GiB at 1280×720×81 with q8_0; the budget is {budget:.1f} GiB")
     assert e.needed > budget * GiB and e.alternatives
     for way in e.alternatives:
         assert way in msg
@@ -146,14 +167,16 @@ def test_ram_below_the_expert_stages_blocks_from_disk(a14b):
     w = weights["q8_0"]
     expert = sum(w.block_bytes)
     ram = expert // 2
-    plan = plan_dit(config, Request(832, 480, 81), weights=w, vram=8, ram=f"{ram}B", device=device())
+    req = Request(832, 480, 81)
+    vram = f"{budgets(config, w, req)[2]}B"
+    plan = plan_dit(config, req, weights=w, vram=vram, ram=f"{ram}B", device=device(4096))
     staged = [i for i in plan.streamed if plan.host[i] == STAGED]
     pinned = [i for i in plan.streamed if plan.host[i] == PINNED]
     assert staged and pinned
     assert plan.ram.pinned + plan.ram.staging <= ram
     assert plan.staging_slots >= 2 and plan.ram.staging == plan.staging_slots * plan.slot_bytes
     with pytest.raises(PlanError, match="staging ring"):
-        plan_dit(config, Request(832, 480, 81), weights=w, vram=8, ram=f"{plan.slot_bytes}B", device=device())
+        plan_dit(config, req, weights=w, vram=vram, ram=f"{plan.slot_bytes}B", device=device(4096))
 
 
 def test_vram_auto_without_a_gpu_asks_for_a_size(a14b):
