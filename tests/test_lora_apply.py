@@ -272,3 +272,23 @@ def test_skipped_keys_are_told_not_dropped(root, manifest, base_path, heads):
     told = "\n".join(lines)
     assert all(key in told for key in entry["unmatched_keys"])
     assert "strength 1" in told
+
+
+@pytest.mark.gpu
+@pytest.mark.golden
+def test_bf16_on_the_gpu_side_path_and_merge_agree_with_float32(root, manifest, base_path, heads, ref):
+    """bf16 compute on CUDA: both modes give the float32 merged forward within bf16 error."""
+    e = applicable(manifest)[0]
+    cpu = load_dit(base_path, num_heads=heads)
+    apply_loras(cpu, [LoraSpec(root / e["file"], 1.0)])
+    want = forward(cpu, ref)
+    gpu = load_dit(base_path, num_heads=heads, device="cuda", dtype=torch.bfloat16)
+    r, seq_len = ref
+    outs = {}
+    for mode in MODES:
+        apply_loras(gpu, [LoraSpec(root / e["file"], 1.0)], mode=mode)
+        assert gpu.blocks[0].self_attn.q.lora_down.is_cuda
+        outs[mode] = gpu([r["x"].cuda()], r["t"].cuda(), [r["context"].cuda()], seq_len, y=[r["y"].cuda()])[0].cpu()
+        rel = ((outs[mode] - want).norm() / want.norm()).item()
+        assert rel <= 2e-2, (mode, rel)
+    assert ((outs["side"] - outs["merge"]).norm() / want.norm()).item() <= 2e-2
