@@ -18,7 +18,8 @@ then q4_0, RAM for one). Reported per run: time (best of --repeat, after a tiny 
 forward), overlap efficiency = resident time / this time, TFLOP/s, H2D GB/s, peak VRAM
 from the allocator (allocated, reserved) and from the driver (mem_get_info sampled after
 each forward, and context + peak reserved), the plan's prediction beside each, measured /
-predicted activation peak, peak host RSS and pinned bytes. A request the planner refuses
+predicted activation peak, peak host RSS and pinned bytes, and whether the output equals
+the resident run's bit for bit (same weights, same inputs). A request the planner refuses
 is reported with its message (that is the promised behaviour, not a failure).
 
 Runs print as they finish; the table comes last; --out writes JSON. Runs are ordered
@@ -240,7 +241,7 @@ class Bench:
         self.sources: dict[str, FileSource] = {}
         self.stores: dict[str, HostStore] = {}
         self.resident_time: dict[tuple[str, str], float] = {}
-        self.resident_peak: dict[tuple[str, str], int] = {}
+        self.resident_out: dict[tuple[str, str], list[torch.Tensor]] = {}
 
     # files, models and shared host copies, made on first use
     def file(self, quant: str) -> Path:
@@ -252,7 +253,7 @@ class Bench:
     def model(self, quant: str):
         if quant not in self.models:
             path = self.file(quant)
-            self.models[quant] = load_dit(path, dtype=torch.bfloat16)
+            self.models[quant] = load_dit(path, dtype=torch.bfloat16, load_blocks=False)
             self.sources[quant] = FileSource.from_gguf(path)
         return self.models[quant], self.sources[quant]
 
@@ -301,16 +302,15 @@ class Bench:
                         device=DeviceInfo("sizing", 1 << 41, 1 << 41, 0, 0, 0, "none"))
         return int(full.device.driver_peak - (1 - run.cap) * sum(weights.block_bytes))
 
-    def forward(self, model, args) -> tuple[float, int]:
-        """(seconds, driver bytes in use after it) of one forward."""
+    def forward(self, model, args) -> tuple[float, int, list[torch.Tensor]]:
+        """(seconds, driver bytes in use after it, outputs) of one forward."""
         sync(self.device)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model(*args[:4], y=args[4])
         sync(self.device)
         seconds = time.perf_counter() - t0
-        del out
-        return seconds, driver_used(self.device)
+        return seconds, driver_used(self.device), out
 
     def run_forward(self, run: Run) -> dict:
         cfg = self.cfg
@@ -348,9 +348,10 @@ class Bench:
                 for _ in range(self.args.repeat):
                     if run.disk:
                         drop_page_cache(self.files[run.quant])
-                    s, d = self.forward(model, args)
+                    s, d, out = self.forward(model, args)
                     times.append(s)
                     driver = max(driver, d)
+                    out = [o.cpu() for o in out]
                 stats = engine.stats()
             except torch.OutOfMemoryError as e:
                 res["oom"] = str(e).splitlines()[0]
@@ -386,8 +387,13 @@ class Bench:
         key = (run.size, run.quant)
         if cap is None:
             self.resident_time[key] = best
+            self.resident_out[key] = out
         if key in self.resident_time:
             res["efficiency"] = self.resident_time[key] / best
+        if key in self.resident_out and cap is not None:
+            ref = self.resident_out[key]
+            res["equal_to_resident"] = all(torch.equal(a, b) for a, b in zip(out, ref))
+            res["max_abs_diff_to_resident"] = max(float((a - b).abs().max()) for a, b in zip(out, ref))
         return res
 
     def run_experts(self, run: Run) -> dict:
@@ -424,7 +430,7 @@ class Bench:
                     model = es.activate(name)
                     sync(self.device)
                     t_switch = time.perf_counter() - t0
-                    s, _ = self.forward(model, args)
+                    s, _, _ = self.forward(model, args)
                     timeline.append({"expert": name, "activate_seconds": t_switch, "forward_seconds": s,
                                      "rss": rss_bytes(), "pinned": pinned_bytes()})
                     print(f"  {name}: activate {t_switch:.1f} s, forward {s:.2f} s, RSS {rss_bytes() / GiB:.1f} GiB",
@@ -484,8 +490,10 @@ def line(run: Run) -> str:
     eff = f"{r['efficiency']:.3f}" if "efficiency" in r else "-"
     act = r.get("activations_measured")
     act_ratio = f"{act / r['predicted']['activations']:.2f}" if act else "-"
+    same = {True: ", output == resident", False: f", OUTPUT DIFFERS by {r.get('max_abs_diff_to_resident')}"}
     return (
-        f"{r['best_seconds']:.2f} s, eff {eff}, {r['tflops']:.0f} TFLOP/s, H2D {r['h2d_gbps']:.1f} GB/s, "
+        f"{r['best_seconds']:.2f} s, eff {eff}{same.get(r.get('equal_to_resident'), '')}, "
+        f"{r['tflops']:.0f} TFLOP/s, H2D {r['h2d_gbps']:.1f} GB/s, "
         f"driver {g(r.get('driver_peak'))} (pred {g(r['predicted']['driver_peak'])}) GiB, "
         f"reserved {g(r.get('reserved_peak'))}, act meas/pred {act_ratio}, RSS {g(r['host_rss_peak'])} GiB"
     )

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from quant.ggml_types import GGMLType, tensor_nbytes
+from quant.ggml_types import GGMLType
 from quant.gguf_writer import GGUFWriter
 from quant.packed import PackedTensor
 from runtime.qlinear import QLinear
 from runtime.stream import BlockWeights, ExpertSet, FileSource, PlanError, StreamEngine, attach, plan_blocks
-from runtime.stream.budget import GiB, MiB, DeviceInfo, pinned_bytes
+from runtime.stream.budget import MiB, DeviceInfo, pinned_bytes
 from runtime.stream.host import DROPPED, PINNED, STAGED, build_layouts
 from runtime.stream.plan import DeviceBudget, HostBudget, Plan
 
