@@ -203,7 +203,7 @@ class WanVAE:
                  tile=None, overlap: int = DEFAULT_OVERLAP, vram_budget: int | None = None):
         self.model = model
         self.config: VAEConfig = model.config
-        self.device = device
+        self.device = _device(device)
         self.dtype = dtype
         self.memory_format = activation_format(channels_last)
         self.tile = tile
@@ -220,9 +220,11 @@ class WanVAE:
 
     # --- memory and tiles
 
-    def memory_bytes(self, op: str, frames: int, height: int, width: int, *, tile=None) -> int:
-        """Estimated peak device bytes of encoding/decoding a [3, frames, height, width] video."""
-        return memory_bytes(self.config, op, frames, height, width, tile=tile, dtype=self.dtype, overlap=self.overlap)
+    def memory_bytes(self, op: str, frames: int, height: int, width: int, *, tile=None, **io) -> int:
+        """Estimated peak device bytes of encoding/decoding a [3, frames, height, width] video
+        (`io`: input_on_device, output_on_device, see `vae_tiling.memory_estimate`)."""
+        return memory_bytes(self.config, op, frames, height, width, tile=tile, dtype=self.dtype,
+                            overlap=self.overlap, **io)
 
     def _budget(self) -> int | None:
         if self.vram_budget is not None:
@@ -234,14 +236,15 @@ class WanVAE:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return int(0.9 * (free + cached)) + weights  # the estimate counts the weights in
 
-    def plan(self, op: str, frames: int, height: int, width: int, tile=_AUTO):
-        """The TilePlan an encode/decode of a [3, frames, height, width] video uses."""
+    def plan(self, op: str, frames: int, height: int, width: int, tile=_AUTO, **io):
+        """The TilePlan an encode/decode of a [3, frames, height, width] video uses (`io`:
+        input_on_device, output_on_device)."""
         tile = self.tile if tile is _AUTO else tile
         _, sh, sw = self.config.stride
         if tile is None:
             budget = self._budget()
             tile = None if budget is None else choose_tile(
-                self.config, op, frames, height, width, budget=budget, dtype=self.dtype, overlap=self.overlap)
+                self.config, op, frames, height, width, budget=budget, dtype=self.dtype, overlap=self.overlap, **io)
         elif tile is False:
             tile = None
         return plan_tiles(height // sh, width // sw, tile, self.overlap)
@@ -258,7 +261,7 @@ class WanVAE:
         st, sh, sw = self.config.stride
         _check_video(video, self.config)
         _, frames, height, width = video.shape
-        plan = self.plan("encode", frames, height, width, tile)
+        plan = self.plan("encode", frames, height, width, tile, input_on_device=video.device == self.device)
         lat_f, lat_h, lat_w = 1 + (frames - 1) // st, height // sh, width // sw
         out = torch.empty((self.config.z_dim, lat_f, lat_h, lat_w), dtype=torch.float32, device=self.device)
         mean, inv_std = self.mean.view(-1, 1, 1), self.inv_std.view(-1, 1, 1)
@@ -295,24 +298,27 @@ class WanVAE:
     # --- decode
 
     @torch.inference_mode()
-    def decode(self, latents, *, tile=_AUTO, progress: bool = False) -> list[torch.Tensor]:
+    def decode(self, latents, *, tile=_AUTO, output_device=None, progress: bool = False) -> list[torch.Tensor]:
         """latents: list of normalised [z, T, h, w] -> list of videos [3, 1 + 4(T-1), h*s, w*s]
-        clamped to [-1, 1] (float32)."""
-        return [self._decode_one(z, tile, progress).clamp_(-1, 1) for z in _as_list(latents, "latents")]
+        clamped to [-1, 1] (float32), on `output_device` (default: the VAE's device; "cpu"
+        keeps the video out of device memory, frame by frame)."""
+        return [self._decode_one(z, tile, output_device, progress).clamp_(-1, 1) for z in _as_list(latents, "latents")]
 
-    def decode_unclamped(self, latent: torch.Tensor, *, tile=_AUTO, progress: bool = False) -> torch.Tensor:
+    def decode_unclamped(self, latent: torch.Tensor, *, tile=_AUTO, output_device=None,
+                         progress: bool = False) -> torch.Tensor:
         """The decoder output of one latent before the wrapper's clamp."""
         with torch.inference_mode():
-            return self._decode_one(latent, tile, progress)
+            return self._decode_one(latent, tile, output_device, progress)
 
-    def _decode_one(self, latent: torch.Tensor, tile, progress: bool) -> torch.Tensor:
+    def _decode_one(self, latent: torch.Tensor, tile, output_device, progress: bool) -> torch.Tensor:
         st, sh, sw = self.config.stride
         _check_latent(latent, self.config)
         _, lat_f, lat_h, lat_w = latent.shape
         frames, height, width = 1 + st * (lat_f - 1), lat_h * sh, lat_w * sw
-        plan = self.plan("decode", frames, height, width, tile)
-        out = torch.zeros((3, frames, height, width), dtype=torch.float32, device=self.device)
-        weight_sum = torch.zeros((height, width), dtype=torch.float32, device=self.device) if plan.tiled else None
+        out_dev = self.device if output_device is None else _device(output_device)
+        plan = self.plan("decode", frames, height, width, tile, output_on_device=out_dev == self.device)
+        out = torch.zeros((3, frames, height, width), dtype=torch.float32, device=out_dev)
+        weight_sum = torch.zeros((height, width), dtype=torch.float32, device=out_dev) if plan.tiled else None
         z = latent.to(device=self.device, dtype=torch.float32)
         z = (z / self.inv_std.view(-1, 1, 1, 1) + self.mean.view(-1, 1, 1, 1)).to(self.dtype)
         bar = _progress(progress, len(plan) * frames, "VAE decode")
@@ -321,20 +327,28 @@ class WanVAE:
             cache = FeatureCache(self.memory_format)
             w = None
             if plan.tiled:
-                w = ramp_weights(plan.spans_y, iy, sh, self.device)[:, None] * ramp_weights(plan.spans_x, ix, sw, self.device)
+                w = ramp_weights(plan.spans_y, iy, sh, out_dev)[:, None] * ramp_weights(plan.spans_x, ix, sw, out_dev)
                 weight_sum[py, px] += w
             crop = (slice(y0, y1), slice(x0, x1)) if plan.tiled else None
             for f, pixels in self.model.decode_frames(z, cache, crop):
                 if w is None:
                     out[:, f].copy_(pixels)
                 else:
-                    out[:, f, py, px].addcmul_(pixels.float(), w)
+                    out[:, f, py, px].addcmul_(pixels.to(out_dev, torch.float32), w)
                 bar.update()
             del cache
         bar.close()
         if weight_sum is not None:
             out /= weight_sum
         return out
+
+
+def _device(device) -> torch.device:
+    """A torch.device with its index, so that equal devices compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _as_list(items, what: str) -> list[torch.Tensor]:
@@ -386,7 +400,7 @@ def load_vae(source, *, device="cpu", dtype: torch.dtype = torch.float32, tile=N
       size in latent pixels; `overlap` latent pixels between tiles.
     channels_last: activation layout (default: channels-last on CUDA).
     """
-    device = torch.device(device)
+    device = _device(device)
     sd, name = read_state_dict(source)
     sd = official_names(sd, name)
     config = config_from_weights(sd, name)

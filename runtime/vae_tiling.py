@@ -157,11 +157,13 @@ class MemoryEstimate:
 
 def memory_estimate(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
                     tile: int | tuple[int, int] | None = None, dtype: torch.dtype = torch.float32,
-                    overlap: int = DEFAULT_OVERLAP, input_on_device: bool = False) -> MemoryEstimate:
+                    overlap: int = DEFAULT_OVERLAP, input_on_device: bool = False,
+                    output_on_device: bool = True) -> MemoryEstimate:
     """Estimated peak device memory of encoding a [3, frames, height, width] video or
     decoding the latent of one, with spatial tiles of `tile` latent pixels (None: untiled)
-    and weights/activations in `dtype`. Outputs are float32 on the device; the encoder's
-    input video is counted only when `input_on_device` (it moves one frame at a time)."""
+    and weights/activations in `dtype`. Outputs are float32, counted when
+    `output_on_device`; the encoder's input video is counted only when `input_on_device`
+    (otherwise it moves to the device one frame at a time)."""
     if op not in ("encode", "decode"):
         raise ValueError(f"op must be 'encode' or 'decode', not {op!r}")
     st, sh, sw = config.stride
@@ -176,12 +178,13 @@ def memory_estimate(config: VAEConfig, op: str, frames: int, height: int, width:
     pixels = 3 * frames * height * width
     latent = config.z_dim * lat_f * full
     if op == "encode":
-        io = latent * 4 + (pixels * 4 if input_on_device else 0)
+        io = (latent * 4 if output_on_device else 0) + (pixels * 4 if input_on_device else 0)
         if plan.tiled:  # the blended feature map of all chunks, and the weight sum
             io += ws.feature_channels * lat_f * full * 4 + full * 4
     else:
-        io = pixels * 4 + latent * (4 + item)
-        io += height * width * 4 if plan.tiled else 0
+        io = latent * (4 + item)
+        if output_on_device:
+            io += pixels * 4 + (height * width * 4 if plan.tiled else 0)
     weights = ws.weights * item
     activations = ACTIVATION_FACTOR * largest
     margin = MARGIN_FRACTION * (weights + io + cache + activations) + MARGIN_BYTES
@@ -195,15 +198,15 @@ def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: in
 
 def choose_tile(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
                 budget: int, dtype: torch.dtype = torch.float32, overlap: int = DEFAULT_OVERLAP,
-                input_on_device: bool = False) -> tuple[int, int] | None:
+                input_on_device: bool = False, output_on_device: bool = True) -> tuple[int, int] | None:
     """The tiling that fits `budget` bytes with the least computed area (then the fewest
     tiles): None when the whole frame fits. Raises MemoryError when even small tiles do not."""
     _, sh, sw = config.stride
     lat_h, lat_w = height // sh, width // sw
 
     def fits(tile) -> bool:
-        return memory_bytes(config, op, frames, height, width, tile=tile, dtype=dtype,
-                            overlap=overlap, input_on_device=input_on_device) <= budget
+        return memory_bytes(config, op, frames, height, width, tile=tile, dtype=dtype, overlap=overlap,
+                            input_on_device=input_on_device, output_on_device=output_on_device) <= budget
 
     if fits(None):
         return None
@@ -226,7 +229,7 @@ def choose_tile(config: VAEConfig, op: str, frames: int, height: int, width: int
             break  # more columns only cost more area
     if best is None:
         need = memory_bytes(config, op, frames, height, width, tile=(smallest, smallest), dtype=dtype,
-                            overlap=overlap, input_on_device=input_on_device)
+                            overlap=overlap, input_on_device=input_on_device, output_on_device=output_on_device)
         raise MemoryError(
             f"VAE {op} of {frames}x{height}x{width} does not fit a budget of {budget / 2**30:.2f} GiB "
             f"even with {smallest}x{smallest} latent tiles (about {need / 2**30:.2f} GiB); "

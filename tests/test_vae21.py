@@ -268,3 +268,23 @@ def test_config_from_weights_rejects_other_input_widths(state_dict):
     sd["encoder.conv1.weight"] = torch.zeros(8, 5, 3, 3, 3)
     with pytest.raises(ValueError, match="takes 5 channels"):
         config_from_weights(sd)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_golden(g21):
+    """On CUDA with channels-last activations: float32 (TF32 off) to the fp32 bound, bf16
+    to the README's bf16 bound."""
+    io = g21["io"]
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        vae = runtime.load_vae(g21["weights"], device="cuda")
+        assert vae.memory_format == torch.channels_last_3d
+        assert max_abs(vae.encode([io["video"].cuda()])[0].cpu(), io["latent"]) < FP32_ABS
+        assert max_abs(vae.encode([io["video"]])[0].cpu(), io["latent"]) < FP32_ABS  # input left on the host
+        assert max_abs(vae.decode_unclamped(io["latent"].cuda()).cpu(), io["decoded_preclamp"]) < FP32_ABS
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    vae = runtime.load_vae(g21["weights"], device="cuda", dtype=torch.bfloat16)
+    assert rel_l2(vae.encode([io["video"].cuda()])[0].cpu(), io["latent"]) < BF16_REL
+    assert rel_l2(vae.decode_unclamped(io["latent"].cuda()).cpu(), io["decoded_preclamp"]) < BF16_REL

@@ -143,3 +143,19 @@ def test_bf16_compute_within_readme_bound(g22):
 def test_spatial_size_must_be_a_multiple_of_16(vae, g22):
     with pytest.raises(ValueError, match="multiples of 16"):
         vae.encode([g22["io"]["video"][:, :, :40]])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_golden(g22):
+    io = g22["io"]
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        vae = runtime.load_vae(g22["weights"], device="cuda")
+        assert max_abs(vae.encode([io["video"].cuda()])[0].cpu(), io["latent"]) < FP32_ABS
+        assert max_abs(vae.decode_unclamped(io["latent"].cuda()).cpu(), io["decoded_preclamp"]) < FP32_ABS
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    vae = runtime.load_vae(g22["weights"], device="cuda", dtype=torch.bfloat16)
+    assert rel_l2(vae.encode([io["video"].cuda()])[0].cpu(), io["latent"]) < BF16_REL
+    assert rel_l2(vae.decode_unclamped(io["latent"].cuda()).cpu(), io["decoded_preclamp"]) < BF16_REL

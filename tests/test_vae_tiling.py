@@ -219,3 +219,43 @@ def test_choose_tile_fits_the_budget_or_says_why():
     assert choose_tile(WAN21_FULL, "decode", budget=1 << 40, **kw) is None
     with pytest.raises(MemoryError, match="bfloat16"):
         choose_tile(WAN22_FULL, "decode", budget=1 << 30, **kw)
+
+
+def test_decode_to_host_memory_matches(vae):
+    """output_device="cpu" (frames leave the device one by one) gives the same video, and
+    the estimate then leaves the output out."""
+    z, s = vae.config.z_dim, vae.config.stride[1]
+    latent = smooth((z, 2, 8, 16), seed=8, noise=0.3)
+    for tile in (False, (8, 12)):
+        ref = vae.decode([latent], tile=tile)[0]
+        assert torch.equal(vae.decode([latent], tile=tile, output_device="cpu")[0], ref)
+    on = vae.memory_bytes("decode", 5, 8 * s, 16 * s)
+    off = vae.memory_bytes("decode", 5, 8 * s, 16 * s, output_on_device=False)
+    assert on - off >= 3 * 5 * 8 * s * 16 * s * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["encode", "decode"])
+def test_estimate_bounds_the_cuda_allocator_peak(version, dtype, op):
+    """What the CUDA caching allocator hands out during a call (cuDNN workspaces included)
+    stays under the estimate, untiled and tiled."""
+    vae = runtime.load_vae(tiny_state_dict(version, 16, seed=9), device="cuda", dtype=dtype)
+    cfg = vae.config
+    st, s = cfg.stride[0], cfg.stride[1]
+    frames, h, w = 1 + 4 * st, 40 * s, 64 * s
+    shape = (3, frames, h, w) if op == "encode" else (cfg.z_dim, 5, 40, 64)
+    x = smooth(shape, seed=10, noise=0.2).cuda()
+    for tile in (None, (32, 32)):
+        getattr(vae, op)([x], tile=tile or False)  # warm-up: cuDNN picks its algorithms
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        getattr(vae, op)([x], tile=tile or False)
+        peak = torch.cuda.max_memory_allocated() - base
+        est = memory_estimate(cfg, op, frames, h, w, tile=tile, dtype=dtype, overlap=vae.overlap)
+        print(f"Wan {version} {op} {dtype} tile={tile}: CUDA peak {peak / 2**20:.1f} MiB, "
+              f"estimate {(est.total - est.weights) / 2**20:.1f} MiB")
+        assert peak <= est.total - est.weights
