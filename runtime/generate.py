@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", metavar="PATH", help="google/umt5-xxl tokenizer folder")
     m.add_argument("--vae", metavar="PATH", help="Wan 2.1 VAE (.pth or .safetensors)")
     m.add_argument("--demo", action="store_true", help="use a tiny random model and a built-in image (no download)")
+    m.add_argument("--lora", action="append", metavar="[EXPERT=]PATH[:STRENGTH]",
+                   help="apply a LoRA: high=PATH:1.0 or low=PATH:1.0 for one expert, both=PATH or PATH:STRENGTH "
+                        "for both (strength default 1); several allowed, e.g. the lightx2v 4-step pair with "
+                        "--preset lightx2v-4step")
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -104,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--text-device", help="where the text encoder runs (default: the device when it fits, else cpu)")
     r.add_argument("--vram", help="GPU memory budget: 'auto' or GiB (8, 7.5, 6144MiB)")
     r.add_argument("--ram", help="host memory budget: 'auto' or GiB")
+    r.add_argument("--lora-mode", choices=("auto", "merge", "side"), default="auto",
+                   help="how LoRAs run: merged into each decoded weight, beside the matmul, or per layer "
+                        "whichever is cheaper (default auto)")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -251,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(model, high_noise=args.high_noise, low_noise=args.low_noise,
                              text_encoder=args.text_encoder, tokenizer=args.tokenizer, vae=args.vae,
                              device=args.device, dtype=args.dtype, vram=args.vram, ram=args.ram,
-                             prompt_cache=not args.demo, text_device=args.text_device, log=_say)
+                             prompt_cache=not args.demo, text_device=args.text_device, log=_say,
+                             loras=args.lora, lora_mode=args.lora_mode)
         stack.callback(pipe.close)
         result = pipe.generate(
             options["image"], options["prompt"], options["negative_prompt"],

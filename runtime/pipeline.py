@@ -42,6 +42,8 @@ import torch
 from .conditioning import image_condition, latent_frames
 from .image_prep import (PreparedImage, SizeError, VideoSize, center_crop_to_aspect, load_image, prepare_image,
                          resize_bicubic, round_frames, to_model_range)
+from .lora import apply_loras, check_loras, lora_state
+from .qlinear import LORA_MODES
 from .model_folder import HIGH, LOW, ModelFiles, resolve_model_files
 from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .samplers import HIGH_NOISE, LOW_NOISE, expert_for_timestep, get_preset, guide_scale_for, make_sampler
@@ -356,7 +358,11 @@ class Pipeline:
 
     def __init__(self, files: ModelFiles, *, device: torch.device, dtype: torch.dtype, vram=None, ram=None,
                  prompt_cache=True, text_device: torch.device | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, loras=None, lora_mode: str = "auto"):
+        if lora_mode not in LORA_MODES:
+            raise ValueError(f"lora_mode {lora_mode!r}: expected one of {', '.join(LORA_MODES)}")
+        self.loras = check_loras(loras)  # LoraSpecs, files checked now (headers only)
+        self.lora_mode = lora_mode
         self.files = files
         self.device = device
         self.dtype = dtype
@@ -529,6 +535,7 @@ class Pipeline:
         preset: str | None = None,
         crop: bool = False,
         progress: bool = False,
+        loras=None,
     ) -> GenerationResult:
         """Make a video that starts from `image` (a path, PIL image, array or tensor).
 
@@ -545,6 +552,9 @@ class Pipeline:
         `negative_context` are precomputed embeddings [L, 4096] (then no text encoder).
         `last_image`: the last frame too (first-last-frame to video).
         `callback(step, total, latent)` runs after each step (step counts from 1).
+        LoRAs: `loras` (LoraSpecs, 'high=PATH:1.0' strings, paths) replaces the pipeline's
+        own for this video ([] for none); each expert gets the LoRAs meant for it when it
+        first runs, and the base weights are restored exactly when they change.
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -572,6 +582,7 @@ class Pipeline:
                     raise SizeError(f"a last image needs a video of at least 5 frames, got {frames}")
                 last, last_notes = prepare_last_image(last_image, prepared.size)
                 notes += last_notes
+            lora_specs = self.loras if loras is None else check_loras(loras)
             seed, drawn = resolve_seed(seed)
             if drawn:
                 notes.append(f"seed {seed} (random)")
@@ -643,6 +654,8 @@ class Pipeline:
                     if k > 0 and schedule[k] != schedule[k - 1]:
                         self.log(f"step {k + 1}: switching to the {name}-noise expert")
                     model = experts.activate(name)
+                    if lora_specs or lora_state(model) is not None:  # no work when already on
+                        apply_loras(model, lora_specs, expert=name, mode=self.lora_mode, log=self.log)
                     g = guide_scale_for(schedule[k], sampling.guide_scale)
                     v = _velocity(model, x, t, y, pos, neg if g != 1.0 else None, g, seq_len)
                     x = sampler_.step(v, k, x)
@@ -684,6 +697,7 @@ class Pipeline:
             "shift": sampling.shift, "guide_scale": list(sampling.guide_scale),
             "boundary": sampling.boundary, "seed": seed,
             "experts_per_step": [EXPERT_NAMES[e] for e in schedule],
+            "loras": [{"path": str(s.path), "strength": s.strength, "expert": s.expert} for s in lora_specs],
             "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
             "model": {c: str(getattr(self.files, c)) if getattr(self.files, c) else None
                       for c in ("high_noise", "low_noise", "text_encoder", "vae")},
@@ -734,6 +748,8 @@ def load_pipeline(
     prompt_cache=True,
     text_device=None,
     log: Callable[[str], None] | None = None,
+    loras=None,
+    lora_mode: str = "auto",
 ) -> Pipeline:
     """A Wan 2.2 I2V-A14B pipeline from a model folder (official, ComfyUI or flat layout)
     and/or explicit files; explicit files win. Nothing is loaded here: missing files are
@@ -744,13 +760,17 @@ def load_pipeline(
     vram / ram: "auto" or GiB (a number, or "7.5GiB", "6144MiB"), the budgets the
     streaming engine plans to. prompt_cache: True (the default cache folder), False, a
     folder or a PromptCache. text_device: where the umt5 encoder runs (default: the device
-    when it fits there, else the CPU). log: called with one line per event (loading, notes)."""
+    when it fits there, else the CPU). log: called with one line per event (loading, notes).
+    loras: LoRAs for every generation (runtime.lora.LoraSpec(path, strength, expert), or
+    'high=PATH:1.0' / 'low=PATH' / 'PATH:0.6' strings); lora_mode: how a linear applies
+    them, "auto" (default), "merge" (into the decoded weight) or "side" (beside the matmul)."""
     files = resolve_model_files(model, high_noise=high_noise, low_noise=low_noise, text_encoder=text_encoder,
                                 tokenizer=tokenizer, vae=vae)
     device = resolve_device(device)
     pipe = Pipeline(files, device=device, dtype=resolve_dtype(dtype, device), vram=parse_memory(vram, "vram"),
                     ram=parse_memory(ram, "ram"), prompt_cache=prompt_cache,
-                    text_device=None if text_device is None else resolve_device(text_device), log=log)
+                    text_device=None if text_device is None else resolve_device(text_device), log=log,
+                    loras=loras, lora_mode=lora_mode)
     for note in files.notes:
         pipe.log(note)
     return pipe
