@@ -13,6 +13,11 @@ allocator (max allocated, max reserved) and from the driver (total - free after 
 before the cache is emptied), the estimate `runtime.vae` plans tiles with, and for tiled
 and bf16 cases the distance to the float32 untiled result of the same input.
 
+Settings: channels-last activations and cuDNN autotuning (torch.backends.cudnn.benchmark)
+on; for the first size the untiled cases are repeated with the NCDHW layout and without
+autotuning (`--no-compare` skips them). TF32 convolutions are PyTorch's default (the
+official code runs the same way).
+
 Tiled cases use the tiles `load_vae` picks from a VRAM budget (4 GiB at 480p, 6 GiB at
 720p, the targets); when the whole frame already fits the budget, the float32 choice is
 forced so that tiling is still measured. Targets: 480p encode and decode under 4 GiB peak,
@@ -172,71 +177,92 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"rel_l2": (d.norm() / ref.float().norm()).item(), "max_abs": d.abs().max().item()}
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How the VAE runs: compute dtype, activation layout, cuDNN autotuning."""
+
+    dtype: torch.dtype
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+
+    @property
+    def main(self) -> bool:  # the default settings: every size, untiled and tiled
+        return self.channels_last and self.cudnn_benchmark
+
+    def labels(self) -> dict:
+        return {"dtype": str(self.dtype).replace("torch.", ""),
+                "layout": "channels_last" if self.channels_last else "ncdhw",
+                "cudnn_benchmark": self.cudnn_benchmark}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-vae.json")
     p.add_argument("--vae", choices=("2.1", "2.2"), default="2.1")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes: checks the logic anywhere")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--no-cudnn-benchmark", action="store_true")
-    p.add_argument("--no-layout-compare", action="store_true",
-                   help="skip the contiguous-layout (NCDHW) rows of the first size")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the untiled rows of the first size with an NCDHW layout and without cuDNN autotuning")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         sys.exit("bench/vae.py: the full-size benchmark needs a CUDA device; use --tiny to check the logic on CPU")
-    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     config = tiny_config(args.vae) if args.tiny else (WAN21_FULL if args.vae == "2.1" else WAN22_FULL)
     sizes = TINY_SIZES if args.tiny else FULL_SIZES
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    variants = [Variant(d) for d in dtypes]
+    if not args.no_compare:
+        variants += [Variant(d, channels_last=False) for d in dtypes]
+        variants += [Variant(d, cudnn_benchmark=False) for d in dtypes]
     warm_frames = 1 + config.stride[0]  # two latent frames: chunk 0 and a steady-state chunk
     sd = random_state_dict(config, device)
 
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "vae": config.__dict__, "official_fp32_h200": {f"{k[0]} {k[1]}": v for k, v in OFFICIAL_FP32.items()}}
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "vae": config.__dict__,
+            "official_fp32_h200": {f"{k[0]} {k[1]}": v for k, v in OFFICIAL_FP32.items()}}
     rows = []
-    references = {}  # float32 untiled outputs, per (size, op)
-    layouts = [True] if args.no_layout_compare else [True, False]
-    for channels_last in layouts:
-        for dtype in dtypes:
-            vae = load_vae(sd, device=device, dtype=dtype, channels_last=channels_last)
-            for size in sizes if channels_last else sizes[:1]:
-                for op in ("decode", "encode"):
-                    reference = references.get((size.label, op))
-                    row, untiled = run_case(vae, op, size, False, device, warm_frames)
-                    row.update(dtype=str(dtype).replace("torch.", ""), layout="channels_last" if channels_last else "ncdhw",
-                               tiles="1", tile=None)
-                    if reference is not None:
-                        row["vs_fp32_untiled"] = compare(untiled, reference)
-                    elif dtype == torch.float32 and channels_last:
-                        references[(size.label, op)] = untiled
-                    rows.append(row)
-                    print(_line(row), flush=True)
-                    if not channels_last:
-                        del untiled
+    references = {}  # float32 untiled outputs of the main variant, per (size, op)
+    for variant in variants:
+        torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+        vae = load_vae(sd, device=device, dtype=variant.dtype, channels_last=variant.channels_last)
+        for size in sizes if variant.main else sizes[:1]:
+            for op in ("decode", "encode"):
+                reference = references.get((size.label, op))
+                tile, forced = _tile_for(config, op, size, variant.dtype, vae.overlap)
+                untiled = None
+                for tiled in (False, True) if variant.main else (False,):
+                    try:
+                        row, out = run_case(vae, op, size, tile if tiled else False, device, warm_frames)
+                    except torch.cuda.OutOfMemoryError as e:
+                        print(f"{op} {size.label} {variant.labels()}: out of memory ({e})", flush=True)
                         continue
-                    tile, forced = _tile_for(config, op, size, dtype, vae.overlap)
-                    row, tiled = run_case(vae, op, size, tile, device, warm_frames)
-                    plan = vae.plan(op, size.frames, size.height, size.width, tile=tile)
-                    budget = size.budget or _tiny_budget(config, op, size, dtype, vae.overlap)
-                    row.update(dtype=str(dtype).replace("torch.", ""), layout="channels_last", tile=list(plan.tile),
-                               tiles=f"{len(plan.spans_y)}x{len(plan.spans_x)}" + (" forced" if forced else ""),
-                               budget_gib=budget / GIB, vs_untiled=compare(tiled, untiled))
+                    row.update(variant.labels(), tiles="1", tile=None)
+                    if tiled:
+                        plan = vae.plan(op, size.frames, size.height, size.width, tile=tile)
+                        budget = size.budget or _tiny_budget(config, op, size, variant.dtype, vae.overlap)
+                        row.update(tile=list(plan.tile), budget_gib=budget / GIB,
+                                   tiles=f"{len(plan.spans_y)}x{len(plan.spans_x)}" + (" forced" if forced else ""))
+                        if untiled is not None:
+                            row["vs_untiled"] = compare(out, untiled)
                     if reference is not None:
-                        row["vs_fp32_untiled"] = compare(tiled, reference)
+                        row["vs_fp32_untiled"] = compare(out, reference)
+                    elif not tiled and variant.main and variant.dtype == torch.float32:
+                        references[(size.label, op)] = reference = out
                     rows.append(row)
                     print(_line(row), flush=True)
-                    del tiled, untiled
-            del vae
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                    if not tiled:
+                        untiled = out
+                    del out
+                del untiled
+        del vae
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for r in rows:  # ratios measured in this run
-        base = next((b for b in rows if b["op"] == r["op"] and b["size"] == r["size"] and b["dtype"] == r["dtype"]
-                     and b["layout"] == "channels_last" and b["tiles"] == "1"), None)
+        base = next((b for b in rows if (b["op"], b["size"], b["dtype"], b["tiles"]) == (r["op"], r["size"], r["dtype"], "1")
+                     and b["layout"] == "channels_last" and b["cudnn_benchmark"]), None)
         r["time_vs_untiled"] = r["seconds"] / base["seconds"] if base else None
     Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     print(table(rows, device))
@@ -268,12 +294,13 @@ def _tile_for(config: VAEConfig, op: str, size: Size, dtype, overlap: int):
 
 def _line(r: dict) -> str:
     mem = f"{r['peak_allocated_gib']:.2f}" if "peak_allocated_gib" in r else "-"
-    return (f"{r['op']} {r['size']} {r['dtype']} {r['layout']} tiles {r['tiles']}: {r['seconds']:.3f} s, "
+    return (f"{r['op']} {r['size']} {r['dtype']} {r['layout']} autotune {r['cudnn_benchmark']} tiles {r['tiles']}: "
+            f"{r['seconds']:.3f} s, "
             f"{r['tflops']:.1f} TFLOP/s, peak {mem} GiB (estimate {r['estimate_gib']:.2f})")
 
 
 def table(rows: list[dict], device) -> str:
-    cols = ["op", "size", "dtype", "layout", "tiles", "seconds", "x untiled", "TFLOP/s", "alloc GiB", "reserved GiB",
+    cols = ["op", "size", "dtype", "layout", "autotune", "tiles", "seconds", "x untiled", "TFLOP/s", "alloc GiB", "reserved GiB",
             "driver GiB", "estimate GiB", "vs untiled", "vs fp32"]
     lines = [cols]
     for r in rows:
@@ -281,7 +308,8 @@ def table(rows: list[dict], device) -> str:
             return f"{r[key]:.2f}" if key in r else "-"
         rel = r.get("vs_untiled", {}).get("rel_l2")
         rel32 = r.get("vs_fp32_untiled", {}).get("rel_l2")
-        lines.append([r["op"], r["size"], r["dtype"], "cl" if r["layout"] == "channels_last" else "ncdhw", r["tiles"],
+        lines.append([r["op"], r["size"], r["dtype"], "cl" if r["layout"] == "channels_last" else "ncdhw",
+                      "on" if r["cudnn_benchmark"] else "off", r["tiles"],
                       f"{r['seconds']:.3f}", f"{r['time_vs_untiled']:.2f}" if r["time_vs_untiled"] else "-",
                       f"{r['tflops']:.1f}", gib("peak_allocated_gib"), gib("peak_reserved_gib"),
                       gib("driver_after_gib"), f"{r['estimate_gib']:.2f}",
