@@ -16,7 +16,9 @@ run as the block without LoRA:
   auto   per linear and call, whichever does fewer multiply-adds (the default)
 
 Reported: median block time (CUDA events, after warm-up), overhead over the plain block
-(target <= 5%), the LoRA's own multiply-adds (TFLOP/s over the extra time), the time to
+(target <= 5%), the LoRA's own multiply-adds (TFLOP/s over the extra time), the merged
+weight's distance from round(W + delta formed in float32) (units in the last place of the
+weight; up to 1 is the double rounding of a weight decoded to bf16 first), the time to
 decode the block's weights alone and with the merge ("decode s" of the none and merge
 rows), and how far each mode's block output is from the merge's, relative to the LoRA's
 effect on it ("vs merge", rel. L2).
@@ -54,6 +56,22 @@ def add_lora(block: Block, rank: int, device, gen, dtype=torch.bfloat16) -> None
             down = (torch.randn(rank, m.in_features, device=device, generator=gen) / m.in_features**0.5).to(dtype)
             up = (0.02 * torch.randn(m.out_features, rank, device=device, generator=gen)).to(dtype)
             m.set_lora(down, up, torch.full((rank,), 0.5, device=device))
+
+
+def merge_precision(block: Block, dtype: torch.dtype) -> dict:
+    """The merged FFN-down weight against round(W + delta), W decoded and delta formed in
+    float32: the largest difference in units in the last place of the weight (up to 1 is
+    the double rounding of a weight decoded to `dtype` before the add; more would be an
+    error, e.g. a reduced-precision product or reduction)."""
+    lin = block.ffn[2]
+    merged = lin.dense_weight(dtype).float().clone()  # clones: both calls decode into one scratch
+    base = lin.dense_weight(torch.float32, lora=False).clone()
+    delta = (lin.lora_up.float() * lin.lora_scale) @ lin.lora_down.float()
+    ref = (base + delta).to(dtype).float()
+    _, exponent = torch.frexp(torch.maximum(ref.abs(), base.abs()))
+    mantissa_bits = round(-math.log2(torch.finfo(dtype).eps))  # bf16 7, float32 23
+    spacing = torch.ldexp(torch.ones_like(ref), exponent - mantissa_bits - 1)
+    return {"merge_max_ulps": ((merged - ref).abs() / spacing).max().item()}
 
 
 def lora_flops(block: Block, tokens: int, batch: int, mode: str) -> float:
@@ -114,12 +132,13 @@ def bench(size, batch: int, rank: int, device, runs: int, warmup: int, attention
         for mode in MODES:
             results[mode] = run(mode)
         mem = memory_snapshot(device)
+        precision = merge_precision(block, settings.dtype)
     except torch.cuda.OutOfMemoryError as e:
         return [{**head, "mode": m, "skipped": f"out of memory: {str(e).splitlines()[0]}"} for m in ("none", *MODES)]
     base = results["none"]["seconds"]
     ref = outputs["merge"]
     for mode, r in results.items():
-        row = {**head, "mode": mode, **r, **mem}
+        row = {**head, "mode": mode, **r, **mem, **(precision if mode == "merge" else {})}
         if mode != "none":
             extra = r["seconds"] - base
             flops = lora_flops(block, tokens, batch, mode)
@@ -153,6 +172,10 @@ def table(rows: list[dict]) -> str:
             f"{fmt(None if over is None else 100 * over, '+.2f') + ('%' if over is not None else ''):>10}"
             f"{fmt(r.get('lora_tflops'), '.1f'):>13}{fmt(r['decode_seconds'], '.4f'):>10}"
             f"{fmt(r.get('allocated_peak_gib'), '.2f'):>10}{fmt(r.get('rel_l2_vs_merge'), '.1e'):>10}")
+    for r in rows:
+        if "merge_max_ulps" in r:
+            lines.append(f"merged weight (cfg {r['cfg_batch']}): max {r['merge_max_ulps']:.2f} ulp from "
+                         "round(W + delta formed in float32) (expected <= 1)")
     measured = [r for r in rows if r.get("overhead") is not None]
     for mode in MODES:
         worst = [r["overhead"] for r in measured if r["mode"] == mode]

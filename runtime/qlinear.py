@@ -91,6 +91,7 @@ class QLinear(nn.Module):
         self.register_buffer("lora_up", None)
         self.register_buffer("lora_scale", None)
         self.lora_mode = "auto"
+        self.lora_alpha: float | None = None  # the scale when every rank row has the same one
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -214,11 +215,15 @@ class QLinear(nn.Module):
             raise ValueError(
                 f"LoRA factors {list(down.shape)} / {list(up.shape)} / scale {list(scale.shape)} do not fit a "
                 f"linear of shape {list(self.shape)}: expected [R, {self.in_features}] / [{self.out_features}, R] / [R]")
-        self.lora_down, self.lora_up, self.lora_scale = down, up, scale.to(torch.float32)
+        scale = scale.to(torch.float32)
+        values = scale.cpu()
+        self.lora_alpha = float(values[0]) if bool((values == values[0]).all()) else None
+        self.lora_down, self.lora_up, self.lora_scale = down, up, scale
         self.lora_mode = mode
 
     def clear_lora(self) -> None:
         self.lora_down = self.lora_up = self.lora_scale = None
+        self.lora_alpha = None
 
     @property
     def lora_rank(self) -> int:
@@ -239,8 +244,13 @@ class QLinear(nn.Module):
         return self.lora_down is not None and not self.lora_merges(tokens)
 
     def _merge_lora_(self, w: torch.Tensor, r0: int, r1: int) -> None:
-        """w (rows [r0, r1) of the decoded weight) += up·diag(scale)·down, the product in
-        float32 over row chunks of a few million values."""
+        """w (rows [r0, r1) of the decoded weight) += up·diag(scale)·down, the products and
+        their sum in float32, added to w and rounded once."""
+        if self.lora_alpha is not None and self.lora_up.dtype == self.lora_down.dtype == w.dtype:
+            # One GEMM into w: products of 16-bit factors are exact in its float32
+            # accumulator, and w + alpha·sum is formed in float32 before the rounding.
+            w.addmm_(self.lora_up[r0:r1], self.lora_down, alpha=self.lora_alpha)
+            return
         down = self.lora_down.to(torch.float32)
         step = max(1, DECODE_CHUNK_VALUES // self.in_features)
         for a in range(r0, r1, step):
@@ -256,8 +266,10 @@ class QLinear(nn.Module):
         """y += ((x·downᵀ)·scale)·upᵀ in place, in x's dtype; y = this layer's output for x."""
         dtype = x.dtype
         t = F.linear(x.reshape(-1, self.in_features), self.lora_down.to(dtype))  # [tokens, R]
-        t.mul_(self.lora_scale.to(dtype))
-        y.view(-1, self.out_features).addmm_(t, self.lora_up.to(dtype).t())
+        alpha = self.lora_alpha
+        if alpha is None:
+            t.mul_(self.lora_scale.to(dtype))
+        y.view(-1, self.out_features).addmm_(t, self.lora_up.to(dtype).t(), alpha=1.0 if alpha is None else alpha)
         return y
 
     def extra_repr(self) -> str:
