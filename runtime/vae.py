@@ -120,6 +120,11 @@ def official_names(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Te
     for prefix in ("", *PREFIXES):
         if all(prefix + m in sd for m in MARKERS):
             return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    for prefix in ("", *PREFIXES):
+        missing = [m for m in MARKERS if prefix + m not in sd]
+        if len(missing) < len(MARKERS):
+            raise ValueError(f"{name}: an incomplete Wan VAE: {', '.join(missing)} missing (the official "
+                             f"files hold encoder and decoder; re-download or re-export the whole state dict)")
     if "decoder.conv_in.weight" in sd or "post_quant_conv.weight" in sd:
         looks = "a diffusers AutoencoderKL(Wan) layout"
     elif any(k.endswith("self_attn.q.weight") or k.endswith("patch_embedding.weight") for k in sd):
@@ -210,8 +215,8 @@ class WanVAE:
         self.overlap = overlap
         self.vram_budget = vram_budget
         mean, std = LATENT_CONSTANTS[self.config.version]
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
-        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)
 
     def __repr__(self) -> str:
         c = self.config

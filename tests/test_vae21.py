@@ -219,6 +219,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pth_with_code_running_pickle_is_refused_without_running_it(tmp_path, state_dict):
     marker = tmp_path / "ran"
     path = tmp_path / "Wan2.1_VAE.pth"
@@ -288,3 +289,9 @@ def test_cuda_matches_golden(g21):
     vae = runtime.load_vae(g21["weights"], device="cuda", dtype=torch.bfloat16)
     assert rel_l2(vae.encode([io["video"].cuda()])[0].cpu(), io["latent"]) < BF16_REL
     assert rel_l2(vae.decode_unclamped(io["latent"].cuda()).cpu(), io["decoded_preclamp"]) < BF16_REL
+
+
+def test_decoder_only_file_is_named_incomplete(state_dict):
+    decoder_only = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
+    with pytest.raises(ValueError, match="incomplete Wan VAE: encoder.conv1.weight"):
+        runtime.load_vae(decoder_only)
