@@ -274,21 +274,22 @@ def test_skipped_keys_are_told_not_dropped(root, manifest, base_path, heads):
     assert "strength 1" in told
 
 
-@pytest.mark.gpu
 @pytest.mark.golden
-def test_bf16_on_the_gpu_side_path_and_merge_agree_with_float32(root, manifest, base_path, heads, ref):
-    """bf16 compute on CUDA: both modes give the float32 merged forward within bf16 error."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_side_path_and_merge_agree_with_float32(root, manifest, base_path, heads, ref, device):
+    """bf16 compute: both modes give the float32 merged forward within bf16 error."""
     e = applicable(manifest)[0]
     cpu = load_dit(base_path, num_heads=heads)
     apply_loras(cpu, [LoraSpec(root / e["file"], 1.0)])
     want = forward(cpu, ref)
-    gpu = load_dit(base_path, num_heads=heads, device="cuda", dtype=torch.bfloat16)
+    model = load_dit(base_path, num_heads=heads, device=device, dtype=torch.bfloat16)
     r, seq_len = ref
     outs = {}
     for mode in MODES:
-        apply_loras(gpu, [LoraSpec(root / e["file"], 1.0)], mode=mode)
-        assert gpu.blocks[0].self_attn.q.lora_down.is_cuda
-        outs[mode] = gpu([r["x"].cuda()], r["t"].cuda(), [r["context"].cuda()], seq_len, y=[r["y"].cuda()])[0].cpu()
+        apply_loras(model, [LoraSpec(root / e["file"], 1.0)], mode=mode)
+        assert model.blocks[0].self_attn.q.lora_down.device.type == device
+        inputs = {k: v.to(device) for k, v in r.items()}
+        outs[mode] = model([inputs["x"]], inputs["t"], [inputs["context"]], seq_len, y=[inputs["y"]])[0].cpu()
         rel = ((outs[mode] - want).norm() / want.norm()).item()
         assert rel <= 2e-2, (mode, rel)
     assert ((outs["side"] - outs["merge"]).norm() / want.norm()).item() <= 2e-2
