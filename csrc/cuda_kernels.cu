@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "cuda_internal.h"
 #include "wanrt.h"
 
 namespace {
@@ -192,6 +193,9 @@ bool is_block_type(wanrt_type type) {
 }
 
 }  // namespace
+
+// For the library's other .cu files (cuda_internal.h): one last-error text per thread.
+wanrt_status wanrt_cuda_fail(wanrt_status status, const char *message) { return fail(status, "%s", message); }
 
 extern "C" {
 

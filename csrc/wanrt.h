@@ -124,6 +124,36 @@ wanrt_status wanrt_cuda_fill_u8(int device, void *dst, uint8_t value, uint64_t n
  * (asynchronous): float32 value, then one round-to-nearest-even. */
 wanrt_status wanrt_cuda_dequantize(int device, wanrt_type type, const void *src, wanrt_type dst_type,
                                    void *dst, int64_t n_elements, void *stream);
+
+/* Fused elementwise stages of the DiT block, on `stream` (asynchronous), over
+ * n_rows contiguous rows of `dim` values in device memory; x and out are F32 or
+ * BF16, the vectors float32. Math in float32 as runtime/fused.py's torch twins
+ * (same operations and roundings). The norms keep a row in one thread block:
+ * rows of up to 16,384 values always fit, longer ones may return
+ * WANRT_ERR_UNSUPPORTED. */
+
+/* out = LN(x)*mul + add per row: LN without affine, mean and biased variance in
+ * float32, eps; when round_norm is set and x is BF16, LN(x) is rounded to bf16
+ * first (the official WanLayerNorm on a bf16 input). mul and add are [dim]
+ * (row_stride 0) or one row per x row (row_stride values apart). out must not
+ * overlap x. */
+wanrt_status wanrt_cuda_layer_norm_mul_add(int device, wanrt_type x_type, const void *x, wanrt_type out_type,
+                                           void *out, int64_t n_rows, int64_t dim, const void *mul, const void *add,
+                                           int64_t row_stride, float eps, int round_norm, void *stream);
+
+/* In place over x: RMSNorm over each whole row (float32, eps) rounded to x's type,
+ * times weight ([dim]); then in each of the first n_rot rows the values (2i, 2i+1)
+ * of every head of head_dim values are rotated in float64 by (cos, sin) =
+ * rot[row][i] (float64 [n_rot][head_dim/2][2]) and rounded to float32, then to
+ * x's type. Rows from n_rot on are only normalized. */
+wanrt_status wanrt_cuda_rms_norm_rope(int device, wanrt_type type, void *x, int64_t n_rows, int64_t dim,
+                                      const void *weight, float eps, const void *rot, int64_t n_rot, int64_t head_dim,
+                                      void *stream);
+
+/* x (F32) += y*gate per row, float32; y is F32 or BF16; gate is [dim] (row
+ * stride 0), one row per x row (gate_row_stride values apart), or NULL (x += y). */
+wanrt_status wanrt_cuda_gated_add(int device, void *x, wanrt_type y_type, const void *y, const void *gate,
+                                  int64_t gate_row_stride, int64_t n_rows, int64_t dim, void *stream);
 /* wanrt-cdef end */
 
 #ifdef __cplusplus

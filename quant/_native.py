@@ -32,6 +32,9 @@ CUDA_FUNCTIONS = (
     "wanrt_cuda_kernel_arch",
     "wanrt_cuda_fill_u8",
     "wanrt_cuda_dequantize",
+    "wanrt_cuda_layer_norm_mul_add",
+    "wanrt_cuda_rms_norm_rope",
+    "wanrt_cuda_gated_add",
 )
 
 REBUILD_HINT = "reinstall with a C compiler present (`pip install -e . -v` shows the build log)"
@@ -240,6 +243,44 @@ def cuda_dequantize(device: int, type_: int, src: int, dst_type: int, dst: int, 
     )
     if status:
         _raise(ffi, "wanrt_cuda_dequantize", status, cuda_last_error())
+
+
+def cuda_layer_norm_mul_add(
+    device: int, x_type: int, x: int, out_type: int, out: int, n_rows: int, dim: int, mul: int, add: int,
+    row_stride: int, eps: float, round_norm: bool, stream: int,
+) -> None:
+    ffi, lib = _cuda_lib()
+    status = lib.wanrt_cuda_layer_norm_mul_add(
+        device, x_type, _ptr(ffi, x), out_type, _ptr(ffi, out), n_rows, dim, _ptr(ffi, mul), _ptr(ffi, add),
+        row_stride, eps, int(round_norm), _ptr(ffi, stream),
+    )
+    if status:
+        _raise(ffi, "wanrt_cuda_layer_norm_mul_add", status, cuda_last_error())
+
+
+def cuda_rms_norm_rope(
+    device: int, type_: int, x: int, n_rows: int, dim: int, weight: int, eps: float, rot: int, n_rot: int,
+    head_dim: int, stream: int,
+) -> None:
+    ffi, lib = _cuda_lib()
+    status = lib.wanrt_cuda_rms_norm_rope(
+        device, type_, _ptr(ffi, x), n_rows, dim, _ptr(ffi, weight), eps, _ptr(ffi, rot), n_rot, head_dim,
+        _ptr(ffi, stream),
+    )
+    if status:
+        _raise(ffi, "wanrt_cuda_rms_norm_rope", status, cuda_last_error())
+
+
+def cuda_gated_add(
+    device: int, x: int, y_type: int, y: int, gate: int, gate_row_stride: int, n_rows: int, dim: int, stream: int
+) -> None:
+    """gate 0: x += y."""
+    ffi, lib = _cuda_lib()
+    status = lib.wanrt_cuda_gated_add(
+        device, _ptr(ffi, x), y_type, _ptr(ffi, y), _ptr(ffi, gate), gate_row_stride, n_rows, dim, _ptr(ffi, stream)
+    )
+    if status:
+        _raise(ffi, "wanrt_cuda_gated_add", status, cuda_last_error())
 
 
 # ------------------------------------------------------- CUDA usability, once

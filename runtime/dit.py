@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .attention import attention, resolve_kernel
 from .dit_config import DiTConfig
 from .qlinear import QLinear, ScratchPool, attach_scratch
-from .rope import RopeTable, rotate
+from .rope import RopeTable
 
 # Elementwise float32/float64 work (norms, rope, modulation) runs over token chunks of
 # about this many values, so its temporaries stay small next to the activations.
@@ -150,6 +151,14 @@ class TimeEmbedding:
 # ---- norms ---------------------------------------------------------------------------
 
 
+def elementwise_step(segments, chunk: int | None, *tensors: torch.Tensor) -> int | None:
+    """Tokens per elementwise call: the fused kernels keep no temporaries and take whole
+    runs of one timestep; the torch twins, and per-token tables, go by chunks."""
+    if fused.takes(*tensors) and all(isinstance(seg.which, int) for seg in segments):
+        return None
+    return chunk
+
+
 def modulated_norm(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segments, out_dtype, eps: float, chunk: int | None
 ) -> torch.Tensor:
@@ -157,18 +166,15 @@ def modulated_norm(
     LN has no affine weights and, like the official WanLayerNorm, rounds its float32
     result to x's dtype (a bf16 stream in the first block) before the modulation."""
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    for seg, s, e in chunks(segments, chunk):
-        n = F.layer_norm(x[s:e].float(), x.shape[-1:], eps=eps)
-        if x.dtype != torch.float32:
-            n = n.to(x.dtype).float()
-        out[s:e] = n.mul_(1 + seg.rows(scale, s, e)).add_(seg.rows(shift, s, e))
+    for seg, s, e in chunks(segments, elementwise_step(segments, chunk, x, out)):
+        fused.modulated_layer_norm(x[s:e], 1 + seg.rows(scale, s, e), seg.rows(shift, s, e), eps, out[s:e])
     return out
 
 
 def gated_add_(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, segments, chunk: int | None) -> None:
     """x += y·gate in float32, in place (x [T, dim] float32)."""
-    for seg, s, e in chunks(segments, chunk):
-        x[s:e].addcmul_(y[s:e], seg.rows(gate, s, e))
+    for seg, s, e in chunks(segments, elementwise_step(segments, chunk, x, y)):
+        fused.gated_add_(x[s:e], y[s:e], seg.rows(gate, s, e))
 
 
 class RMSNorm(nn.Module):
@@ -181,26 +187,19 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = x.float()
-        n = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return n.to(x.dtype) * self.weight.float()
+        return fused.rms_norm(x, self.weight, self.eps)
 
     def normalize_(self, x: torch.Tensor, chunk: int, rope: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """In place over x [B, S, dim] in token chunks; with `rope` (per sample, the
         complex128 [L_i, head_dim/2] rotations of its real tokens) the normed heads are
         also rotated in float64 as the official rope_apply does, padding left unrotated."""
         B, S, D = x.shape
+        step = S if fused.takes(x) else chunk
         for b in range(B):
             freqs = None if rope is None else rope[b]
-            n_real = 0 if freqs is None else freqs.shape[0]
-            for s in range(0, S, chunk):
-                e = min(S, s + chunk)
-                y = self(x[b, s:e])
-                r = min(e, max(s, n_real))  # tokens [s, r) are real and get rotated
-                if r > s:
-                    x[b, s:r] = rotate(y[: r - s].view(r - s, -1, 2 * freqs.shape[1]), freqs[s:r]).view(r - s, D)
-                if e > r:
-                    x[b, r:e] = y[r - s :]
+            for s in range(0, S, step):
+                e = min(S, s + step)
+                fused.rms_norm_rope_(x[b, s:e], self.weight, self.eps, None if freqs is None else freqs[s:e])
         return x
 
 
@@ -214,12 +213,11 @@ class AffineLayerNorm(nn.Module):
         self.register_buffer("bias", torch.zeros(dim, device=device))
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
-        T, D = x.shape
+        T = x.shape[0]
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        w, b = self.weight.float(), self.bias.float()
-        step = T if chunk is None else chunk
+        step = max(1, T if chunk is None or fused.takes(x, out) else chunk)
         for s in range(0, T, step):
-            out[s : s + step] = F.layer_norm(x[s : s + step].float(), (D,), w, b, self.eps)
+            fused.affine_layer_norm(x[s : s + step], self.weight, self.bias, self.eps, out[s : s + step])
         return out
 
 
@@ -317,7 +315,7 @@ class Block(nn.Module):
         gated_add_(xf, y.view(-1, D), gate_sa, segs, chunk)
         del y
         # 3. cross-attention on LN3(x) (affine), no modulation, no gate
-        xf += self.cross_attn(self.norm3(xf, st.dtype, chunk).view(B, S, D), ctx).view(-1, D)
+        fused.gated_add_(xf, self.cross_attn(self.norm3(xf, st.dtype, chunk).view(B, S, D), ctx).view(-1, D))
         # 4. x += FFN(LN2(x)·(1 + scale) + shift)·gate
         self.ffn_residual_(xf, shift_ff, scale_ff, gate_ff, segs, st)
         return x
@@ -343,7 +341,7 @@ class Block(nn.Module):
             if side_down:
                 down.lora_side_(a, out)
             del a
-            x[s:e].addcmul_(out, seg.rows(gate, s, e))
+            fused.gated_add_(x[s:e], out, seg.rows(gate, s, e))
 
 
 # ---- embeddings and head -------------------------------------------------------------
