@@ -252,12 +252,16 @@ def test_blocks_left_for_a_streaming_engine(root, manifest, base_path, heads):
     assert q.weight.is_meta and q.lora_down.device.type == "cpu"
     state = lora_state(model)
     for name in state.merged:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        assert attr in module.lora_patched  # in memory only: an engine must not read it from the file
         if name.startswith("blocks."):
-            value = model.get_submodule(name.rpartition(".")[0]).get_buffer(name.rpartition(".")[2])
+            value = module.get_buffer(attr)
             assert not value.is_meta
             assert torch.equal(value, effective(ref_model, name)), name
     remove_loras(model)
     assert all(t.is_meta for n, t in model.blocks.named_buffers())
+    assert not any(hasattr(m, "lora_patched") for m in model.modules())
 
 
 @pytest.mark.golden

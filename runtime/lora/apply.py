@@ -14,6 +14,11 @@ by `remove_loras`, so removing or changing LoRAs never drifts.
 
 Applying the same LoRAs again is free (the state remembers what is applied); another set
 first restores the base. Every file is read and checked before the model is changed.
+
+For a streaming engine: the factors are buffers of their block, so a layout built after
+`apply_loras` carries them; a module whose tensor was replaced by a dense patch names it
+in `module.lora_patched` (a frozenset of attribute names): that value is in memory only
+and must not be read from the checkpoint file. Layouts must be rebuilt when LoRAs change.
 """
 from __future__ import annotations
 
@@ -116,6 +121,7 @@ def remove_loras(model: nn.Module) -> None:
                 module.weight, module.ggml_type, module.weight_scale = original
             else:
                 _put(module, attr, original)
+            module.__dict__.pop("lora_patched", None)
     model.lora_state = None
 
 
@@ -170,6 +176,7 @@ def _merge_dense_patch(model: nn.Module, name: str, patches: list[tuple[Diff, fl
     """Replace tensor `name` by base + Σ strength·scale·diff (float32); returns what
     restores it."""
     module, attr = owner(model, name)
+    module.lora_patched = frozenset(getattr(module, "lora_patched", ())) | {attr}
     if isinstance(module, QLinear) and attr == "weight":
         original = (module.weight, module.ggml_type, module.weight_scale)
         if module.weight.is_meta:
