@@ -64,8 +64,8 @@ def merge_precision(block: Block, dtype: torch.dtype) -> dict:
     the double rounding of a weight decoded to `dtype` before the add; more would be an
     error, e.g. a reduced-precision product or reduction)."""
     lin = block.ffn[2]
-    merged = lin.dense_weight(dtype).float().clone()  # clones: both calls decode into one scratch
-    base = lin.dense_weight(torch.float32, lora=False).clone()
+    merged = lin.dense_weight(dtype).float()
+    base = lin.decoded(torch.float32)
     delta = (lin.lora_up.float() * lin.lora_scale) @ lin.lora_down.float()
     ref = (base + delta).to(dtype).float()
     _, exponent = torch.frexp(torch.maximum(ref.abs(), base.abs()))

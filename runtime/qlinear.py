@@ -177,6 +177,10 @@ class QLinear(nn.Module):
             self._merge_lora_(w, 0, self.out_features)
         return w
 
+    def decoded(self, dtype: torch.dtype) -> torch.Tensor:
+        """A new tensor holding the stored weight (no LoRA) as `dtype`, outside the scratch."""
+        return self._decode_rows(0, self.out_features, dtype, None, copy=True)
+
     @property
     def weight_numel(self) -> int:
         return self.out_features * self.in_features

@@ -182,7 +182,7 @@ def _merge_dense_patch(model: nn.Module, name: str, patches: list[tuple[Diff, fl
         if module.weight.is_meta:
             base, device = _stored_value(model, name), torch.device("cpu")
         else:
-            base, device = module.dense_weight(torch.float32, lora=False).clone(), module.weight.device
+            base, device = module.decoded(torch.float32), module.weight.device
         module.set_weight(merge_dense(base.cpu(), patches).to(device))
         return original
     original = _get(module, attr)
