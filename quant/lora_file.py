@@ -34,6 +34,7 @@ from .lora_names import (ALPHA, DIFF_B, DIFF_M, DIFFUSERS, DOWN, LOW_RANK_ROLES,
                          TargetNames, Unresolved, split_prefix, split_role, unsupported_kind)
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"
+MAX_LISTED = 50  # unknown keys named one by one in a message (all are in the report)
 
 EXPERTS = ("high", "low", "both")
 _EXPERT_NAMES = {
@@ -174,8 +175,8 @@ class LoraReport:
             out.append(f"{name}: {len(self.image_branch)} key(s) for the Wan 2.1 image branch (k_img / v_img / "
                        f"norm_k_img / img_emb) skipped, Wan 2.2 has no such branch: {_list(self.image_branch)}")
         if self.unmatched:
-            shown = "; ".join(f"{k} ({why})" for k, why in list(self.unmatched.items())[:8])
-            more = f"; ... ({len(self.unmatched)} in all)" if len(self.unmatched) > 8 else ""
+            shown = "; ".join(f"{k} ({why})" for k, why in list(self.unmatched.items())[:MAX_LISTED])
+            more = f"; ... ({len(self.unmatched)} in all)" if len(self.unmatched) > MAX_LISTED else ""
             out.append(f"{name}: {len(self.unmatched)} key(s) patch nothing in this model and were skipped: "
                        f"{shown}{more}")
         return out
@@ -204,8 +205,10 @@ def _list(names, limit: int = 6) -> str:
 def check_lora_file(path: str | os.PathLike) -> Path:
     """Refuse a LoRA path that is missing or not a safetensors file, reading its header only."""
     p = Path(path)
+    if p.is_dir():
+        raise LoraError(f"LoRA path {p} is a folder; give the .safetensors file")
     if not p.is_file():
-        raise LoraError(f"LoRA file {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+        raise LoraError(f"LoRA file {p} does not exist; check the path")
     if p.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
         raise LoraError(f"{p}: LoRAs are read from .safetensors files only (pickles are never run); "
                         "convert it to safetensors first")
