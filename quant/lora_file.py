@@ -30,7 +30,7 @@ from typing import Mapping
 
 import torch
 
-from .lora_names import (ALPHA, DIFF_B, DIFF_M, DIFFUSERS, DOWN, LOW_RANK_ROLES, UP, UP_BIAS, Resolved,
+from .lora_names import (ALPHA, DIFFUSERS, DOWN, LOW_RANK_ROLES, UP, UP_BIAS, Resolved,
                          TargetNames, Unresolved, split_prefix, split_role, unsupported_kind)
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"
