@@ -20,9 +20,17 @@ supported as Wan 2.1 does it.
 Components load lazily and only when needed: no text encoder when contexts are given or
 cached, the VAE for encoding and again for decoding, the experts on the first generation.
 The experts sit behind one seam, `pipe.experts`: an object whose `activate("high" |
-"low")` returns the model for the current step. `open_experts` builds the default one,
-which keeps both experts on the device; the streaming engine's expert manager (same
-interface) replaces it to fit VRAM and RAM budgets.
+"low")` returns the model for the current step.
+
+On CUDA every large module goes through the streaming engine (runtime/stream), planned
+to the `vram` / `ram` budgets for the request: the experts' plans are made from their
+files' headers as soon as the size and frame count are known, so a request that cannot
+fit is refused with the planner's message before the text encoder, the VAE or an expert
+loads; the umt5 encoder streams when it does not fit and is closed before the experts
+come; the VAE tiles to the same budget; the experts (`StreamedExperts`) stream, switch
+once at the boundary, give the device back for the VAE decode, and stay attached for the
+next video of the same shape. On the CPU nothing streams: `open_experts` loads both
+experts (`ResidentExperts`) and the budgets are not used.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import gc
 import math
 import os
 import random
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,7 +57,7 @@ from .model_folder import HIGH, LOW, ModelFiles, resolve_model_files
 from .prompts import DEFAULT_NEGATIVE_PROMPT
 from .samplers import HIGH_NOISE, LOW_NOISE, expert_for_timestep, get_preset, guide_scale_for, make_sampler
 from .samplers.presets import SamplingPreset
-from .stream.budget import parse_memory, peak_rss_bytes, reset_peak_rss
+from .stream.budget import AUTO, parse_memory, peak_rss_bytes, pinned_bytes, reset_peak_rss, rss_bytes
 from .video_io import DEFAULT_FPS, SavedVideo, save_video, to_uint8_frames
 
 TEXT_DTYPE = torch.bfloat16  # the official t5_dtype
@@ -212,9 +221,9 @@ def _context(value, what: str) -> torch.Tensor:
 
 
 class ResidentExperts:
-    """Both experts loaded on the device, for machines where they fit. `activate(name)`
-    returns the model of that expert ("high" or "low"). The VRAM/RAM budgets are kept for
-    the record: planning to a budget is the streaming expert manager's work."""
+    """Both experts loaded on the device (the CPU path: nothing streams there).
+    `activate(name)` returns the model of that expert ("high" or "low"). The VRAM/RAM
+    budgets are kept for the record: planning to a budget is `StreamedExperts`' work."""
 
     names = ("high", "low")
 
@@ -243,7 +252,7 @@ class ResidentExperts:
 
 
 def open_experts(high, low, *, device: torch.device, dtype: torch.dtype, vram=None, ram=None) -> ResidentExperts:
-    """The experts object a pipeline runs with (the seam the streaming engine replaces)."""
+    """The experts object a pipeline runs with where nothing streams (the CPU)."""
     return ResidentExperts(high, low, device=device, dtype=dtype, vram=vram, ram=ram)
 
 
@@ -276,43 +285,80 @@ def check_expert_files(high, low, dtype: torch.dtype = torch.float32):
     return configs[HIGH], nbytes
 
 
-def _device_room(device: torch.device, vram) -> int:
-    """Bytes a new allocation may take on a CUDA device: what the driver has free plus
-    what torch's allocator holds unused, within a numeric VRAM budget."""
-    free, _ = torch.cuda.mem_get_info(device)
-    room = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return min(room, vram - torch.cuda.memory_allocated(device)) if isinstance(vram, int) else room
+def uses_streaming(device: torch.device) -> bool:
+    """Whether large modules run through the streaming engine on `device`: on CUDA; the
+    CPU holds the models whole (host memory is what the engine would stream from)."""
+    return device.type == "cuda"
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def use_expandable_segments() -> None:
+    """Ask torch's CUDA allocator for expandable segments, unless the user configured
+    the allocator or CUDA is already initialised (then it is too late). Why: a streamed
+    DiT step allocates and frees activations of many sizes; with fixed segments the cache
+    fragments by more than the planner's margin (8% of the activation peak + 256 MiB)
+    and a plan that fits on paper runs out of memory; expandable segments keep it small."""
+    if any(v in os.environ for v in ALLOC_CONF_VARS) or torch.cuda.is_initialized():
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 # ---- measuring ---------------------------------------------------------------------
 
 
 class MemoryMeter:
-    """Peak memory of one generation: torch's allocator and the driver on CUDA (the driver
-    figure is sampled after every step and phase), the resident set on the host."""
+    """Peak memory of one generation: torch's allocator (exact), the driver (sampled by a
+    thread every `interval` seconds and after every step and phase), the host's resident
+    set (the kernel's high-water mark when it can be reset, else sampled) and the host
+    memory the streaming engine page-locked (sampled). Use as a context manager."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, interval: float = 0.05):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.interval = interval
         self.driver_peak = 0
+        self.rss_peak = 0
+        self.pinned_peak = 0
+        self.rss_reset = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "MemoryMeter":
         self.rss_reset = reset_peak_rss()
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="wanrt-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
             self.sample()
 
     def sample(self) -> None:
+        self.rss_peak = max(self.rss_peak, rss_bytes())
+        self.pinned_peak = max(self.pinned_peak, pinned_bytes())
         if self.cuda:
             free, total = torch.cuda.mem_get_info(self.device)
             self.driver_peak = max(self.driver_peak, total - free)
 
     def report(self) -> dict[str, int]:
-        out = {"host_peak_rss": peak_rss_bytes()}
+        """Peak bytes: host_peak_rss, host_pinned_peak and, on CUDA, cuda_peak_allocated /
+        cuda_peak_reserved (the allocator) and cuda_peak_driver (all of the GPU's memory
+        in use, this process's context included, as nvidia-smi shows it)."""
+        self.sample()
+        out = {"host_peak_rss": max(self.rss_peak, peak_rss_bytes() if self.rss_reset else 0),
+               "host_pinned_peak": self.pinned_peak}
         if self.cuda:
-            self.sample()
             out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_peak_reserved"] = torch.cuda.max_memory_reserved(self.device)
             out["cuda_peak_driver"] = self.driver_peak
@@ -342,7 +388,7 @@ class GenerationResult:
     settings: dict[str, Any]  # everything needed to make this video again (JSON-able)
     timings: dict[str, float]  # seconds per phase
     step_times: list[float]  # seconds per denoising step
-    memory: dict[str, int]  # peak bytes: host_peak_rss, cuda_peak_allocated/_reserved/_driver
+    memory: dict[str, int]  # peak bytes: host_peak_rss, host_pinned_peak, cuda_peak_allocated/_reserved/_driver
     notes: list[str] = field(default_factory=list)  # what was adjusted, for the user
 
     def save(self, path, fps: float = DEFAULT_FPS, *, overwrite: bool = False, **kwargs) -> SavedVideo:
@@ -354,7 +400,12 @@ class GenerationResult:
 
 
 class Pipeline:
-    """Wan 2.2 I2V-A14B. Build it with `load_pipeline`; nothing is loaded until needed."""
+    """Wan 2.2 I2V-A14B. Build it with `load_pipeline`; nothing is loaded until needed.
+
+    `streaming` (True on CUDA) runs the experts and the text encoder through the
+    streaming engine; `resident_blocks` ("auto", "max" or a number) is how many expert
+    blocks the plans may keep on the GPU ("auto": as many as needed to hide the copies,
+    all when they fit)."""
 
     def __init__(self, files: ModelFiles, *, device: torch.device, dtype: torch.dtype, vram=None, ram=None,
                  prompt_cache=True, text_device: torch.device | None = None,
@@ -366,13 +417,16 @@ class Pipeline:
         self.files = files
         self.device = device
         self.dtype = dtype
-        self.vram = vram
-        self.ram = ram
+        self.vram = AUTO if vram is None else vram
+        self.ram = AUTO if ram is None else ram
         self.prompt_cache = prompt_cache
         self.log = log or (lambda message: None)
+        self.streaming = uses_streaming(device)
+        self.resident_blocks: str | int = "auto"
         self.experts = None  # the seam: any object with activate(name) -> model and close()
+        self._experts_key = None  # what the experts this pipeline made are for (None: given from outside)
+        self._pending = None  # plans made for the next experts to build
         self._dit_config = None
-        self._expert_bytes = 0
         self.text_device = text_device
 
     def __repr__(self) -> str:
@@ -386,12 +440,22 @@ class Pipeline:
 
     def close(self) -> None:
         """Free the experts (the only component kept between generations)."""
+        self._close_experts()
+        _free(self.device)
+
+    def _close_experts(self) -> None:
         if self.experts is not None:
             close = getattr(self.experts, "close", None)
             if close is not None:
                 close()
             self.experts = None
-        _free(self.device)
+        self._experts_key = None
+
+    def device_info(self):
+        """The device as the streaming planner sees it now (measured on CUDA)."""
+        from .streamed_experts import device_info
+
+        return device_info(self.device, self.vram)
 
     # -- 2. text ----------------------------------------------------------------------
 
@@ -432,13 +496,16 @@ class Pipeline:
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """Text embeddings [L, dim] of `prompts`: from the prompt cache when all are there,
-        else from the text encoder, loaded for this and freed after."""
+        else from the text encoder, loaded for this and freed after (streamed to the GPU
+        per its plan when the pipeline streams)."""
         self.files.require("text_encoder", "tokenizer")
         tokenizer = self._tokenizer()
         cached = self._cached_contexts(prompts, tokenizer)
         if cached is not None:
             self.log("text: prompt embeddings from the cache (text encoder not loaded)")
             return [c.to(self.device) for c in cached]
+        if self.streaming and self._text_device() == self.device:
+            return self._encode_streamed(prompts, tokenizer)
         from .t5 import load_text_encoder
 
         device = self._text_device()
@@ -453,29 +520,62 @@ class Pipeline:
 
     def _text_device(self) -> torch.device:
         """Where the text encoder runs: `text_device` if given, else the pipeline's device
-        when the encoder's weights fit there (with 1 GiB to spare), else the CPU (the
-        prompt cache makes that a one-time cost per prompt)."""
-        if self.text_device is not None:
-            return self.text_device
-        if self.device.type != "cuda":
-            return self.device
-        from .t5 import _weight_files
+        (streamed there when it does not fit, on the CPU when even that cannot be)."""
+        return self.device if self.text_device is None else self.text_device
 
-        need = sum(p.stat().st_size for p in _weight_files(self.files.text_encoder)) + 2**30
-        room = _device_room(self.device, self.vram)
-        if need <= room:
-            return self.device
-        self.log(f"text: the encoder needs about {_gib(need)}, {_gib(room)} is available on {self.device}: "
-                 "it runs on the CPU")
-        return torch.device("cpu")
+    def _encode_streamed(self, prompts: list[str], tokenizer) -> list[torch.Tensor]:
+        """The umt5 encoder loaded on the CPU (a GGUF stays memory-mapped), planned for
+        these prompts and streamed to the device; on the CPU when the plan refuses (unless
+        the device was asked for explicitly). Closed, device memory given back, on return."""
+        from quant.t5_names import official_name
+
+        from .stream import BlockWeights, FileSource, PlanError, attach, plan_t5
+        from .streamed_experts import budget_arg, is_gguf
+        from .t5 import load_text_encoder
+
+        path = self.files.text_encoder
+        self.log(f"text: loading {path}")
+        encoder = load_text_encoder(path, tokenizer, device="cpu", dtype=TEXT_DTYPE, cache=self.prompt_cache)
+        engine = None
+        try:
+            source = FileSource.from_gguf(path, rename=official_name) if is_gguf(path) else None
+            weights = BlockWeights.of(encoder.model, source, exclude=("token_embedding",))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the encoder warns about long prompts itself
+                tokens = max(len(row) for row in tokenizer.ids(prompts))
+            try:
+                plan = plan_t5(encoder.config, weights=weights, tokens=tokens,
+                               batch=min(len(prompts), encoder.max_batch), dtype=TEXT_DTYPE,
+                               vram=budget_arg(self.vram), ram=budget_arg(self.ram), device=self.device_info())
+            except PlanError as err:
+                if self.text_device is not None:
+                    raise
+                self.log(f"text: {err}; it runs on the CPU instead")
+                return [c.to(self.device) for c in encoder.encode(prompts)]
+            for line in plan.describe().splitlines():
+                self.log(line)
+            engine = attach(encoder.model, plan, source=source, device=self.device, exclude=("token_embedding",),
+                            progress=False)
+            encoder.device = self.device
+            return [c.to(self.device) for c in encoder.encode(prompts)]
+        finally:
+            if engine is not None:
+                engine.close()
+            del encoder
+            _free(self.device)
 
     # -- 3./6. VAE -----------------------------------------------------------------------
 
     def _vae(self):
+        """The VAE on the device; when the pipeline streams, its automatic tiling plans to
+        the room the VRAM budget leaves now (the planner's view: driver memory, CUDA
+        context and tensors already allocated included)."""
         from .vae import load_vae
 
         self.files.require("vae")
-        budget = self.vram if isinstance(self.vram, int) and self.device.type == "cuda" else None
+        budget = None
+        if self.streaming and self.device.type == "cuda":
+            budget = max(0, self.device_info().room(self.vram))
         vae = load_vae(self.files.vae, device=self.device, dtype=VAE_DTYPE, vram_budget=budget)
         if vae.config.z_dim != LATENT_CHANNELS:
             raise ValueError(f"{self.files.vae}: a Wan {vae.config.version} VAE with {vae.config.z_dim} latent "
@@ -485,29 +585,75 @@ class Pipeline:
     # -- 5. experts ----------------------------------------------------------------------
 
     def _check_experts(self):
-        """The DiT config, checked from the experts' headers before any loading; on CUDA,
-        resident experts must fit the device."""
+        """The DiT config, checked from the experts' headers before any loading."""
         if getattr(self.experts, "config", None) is not None:
             return self.experts.config
         if self._dit_config is None:
             self.files.require("high_noise", "low_noise")
-            self._dit_config, self._expert_bytes = check_expert_files(self.files.high_noise, self.files.low_noise,
-                                                                      self.dtype)
-        if self.device.type == "cuda":
-            room = _device_room(self.device, self.vram)
-            if self._expert_bytes > room:
-                budget = f" within --vram {_gib(self.vram)}" if isinstance(self.vram, int) else ""
-                raise ValueError(
-                    f"the two experts take {_gib(self._expert_bytes)} on {self.device} when both stay loaded, "
-                    f"and {_gib(room)} is available{budget}; use smaller experts (q4_0 / q8_0 GGUF), a GPU "
-                    "with more memory, or --device cpu")
+            self._dit_config, _ = check_expert_files(self.files.high_noise, self.files.low_noise, self.dtype)
         return self._dit_config
 
-    def _experts(self):
-        if self.experts is None:
-            self.log(f"experts: loading {self.files.high_noise} and {self.files.low_noise}")
-            self.experts = open_experts(self.files.high_noise, self.files.low_noise, device=self.device,
-                                        dtype=self.dtype, vram=self.vram, ram=self.ram)
+    def _expert_sources(self) -> dict[str, Any]:
+        return {"high": self.files.high_noise, "low": self.files.low_noise}
+
+    def plan_experts(self, config, requests: dict, loras=None) -> dict | None:
+        """Plans for the experts in `requests` (name -> stream.Request) from their headers,
+        logged; raises PlanError (nothing loaded) when the request cannot fit. None when
+        nothing streams, or when the attached experts already serve these requests (and
+        `loras`, the LoraSpecs they carry; default: the pipeline's)."""
+        if not self.streaming or (self.experts is not None and self._experts_key is None):
+            return None
+        from .streamed_experts import header_weights, plan_experts
+
+        loras = tuple(self.loras if loras is None else loras)
+        key = ("streamed", tuple(sorted(requests.items())), self.vram, self.ram, self.resident_blocks, self.dtype,
+               loras, self.lora_mode)
+        if key == self._experts_key:
+            self.log("experts: already attached for this size and frame count")
+            return None
+        self._close_experts()  # their host memory is not the new plan's to count
+        sources = self._expert_sources()
+        weights = {n: header_weights(sources[n], self.dtype) for n in requests}
+        info = self.device_info()
+        plans = plan_experts(config, sources, requests, vram=self.vram, ram=self.ram, info=info, dtype=self.dtype,
+                             resident=self.resident_blocks, weights=weights)
+        self._pending = dict(key=key, config=config, plans=plans, weights=weights, requests=requests, info=info,
+                             loras=loras)
+        shown = None
+        for name, plan in plans.items():
+            text = plan.describe()
+            if text == shown:
+                self.log(f"{name}-noise expert: the same plan")
+                continue
+            self.log(f"{name}-noise expert, {'streamed from' if weights[name].reloadable else 'held in host memory, from'} "
+                     f"{sources[name]}")
+            for line in text.splitlines():
+                self.log(line)
+            shown = text
+        return plans
+
+    def _experts(self, progress: bool = False):
+        """The experts seam: given from outside, attached per the pending plans, or both
+        experts loaded whole (where nothing streams)."""
+        if self.experts is not None and (self._experts_key is None or self._pending is None):
+            return self.experts
+        if self._pending is not None:
+            from .streamed_experts import StreamedExperts
+
+            p, self._pending = self._pending, None
+            self._close_experts()
+            self.log(f"experts: loading {', '.join(str(self._expert_sources()[n]) for n in p['plans'])}")
+            self.experts = StreamedExperts(
+                self._expert_sources(), p["plans"], p["weights"], config=p["config"], requests=p["requests"],
+                device=self.device, dtype=self.dtype, vram=self.vram, ram=self.ram, info=p["info"],
+                resident=self.resident_blocks, loras=p["loras"], lora_mode=self.lora_mode, log=self.log,
+                progress=progress)
+            self._experts_key = p["key"]
+            return self.experts
+        self.log(f"experts: loading {self.files.high_noise} and {self.files.low_noise}")
+        self.experts = open_experts(self.files.high_noise, self.files.low_noise, device=self.device,
+                                    dtype=self.dtype, vram=self.vram, ram=self.ram)
+        self._experts_key = ("resident",)
         return self.experts
 
     # -- everything ----------------------------------------------------------------------
@@ -556,9 +702,18 @@ class Pipeline:
         own for this video ([] for none); each expert gets the LoRAs meant for it when it
         first runs, and the base weights are restored exactly when they change.
         """
+        with MemoryMeter(self.device) as meter:
+            return self._generate(meter, image, prompt, negative_prompt, width=width, height=height,
+                                  max_area=max_area, frames=frames, steps=steps, guide_scale=guide_scale, shift=shift,
+                                  sampler=sampler, seed=seed, boundary=boundary, last_image=last_image, context=context,
+                                  negative_context=negative_context, callback=callback, preset=preset, crop=crop,
+                                  progress=progress, loras=loras)
+
+    def _generate(self, meter: MemoryMeter, image, prompt, negative_prompt, *, width, height, max_area, frames, steps,
+                  guide_scale, shift, sampler, seed, boundary, last_image, context, negative_context, callback, preset,
+                  crop, progress, loras) -> GenerationResult:
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        meter = MemoryMeter(self.device)
 
         @contextlib.contextmanager
         def phase(name: str):
@@ -568,7 +723,8 @@ class Pipeline:
             meter.sample()
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
-        # 1. Everything that can be refused is checked before any model is loaded.
+        # 1. Everything that can be refused is checked before any model is loaded, the
+        #    streaming plans of the experts included.
         with phase("prepare"):
             sampling, notes = resolve_sampling(preset, steps=steps, shift=shift, sampler=sampler,
                                                guide_scale=guide_scale, boundary=boundary)
@@ -606,13 +762,18 @@ class Pipeline:
                 if c is not None and c.shape[1] != config.text_dim:
                     raise ValueError(f"{what} has width {c.shape[1]}; these experts take text embeddings of "
                                      f"width {config.text_dim}")
-        size = prepared.size
+            size = prepared.size
+            sampler_ = make_sampler(sampling.sampler, sampling.steps, sampling.shift)
+            schedule = [expert_for_timestep(t, sampling.boundary) for t in sampler_.timesteps]
+            requests = expert_requests(schedule, sampling.guide_scale, size, frames, self.dtype)
         for n in notes:
             self.log(n)
         low_g, high_g = sampling.guide_scale
         self.log(f"video {size.width}x{size.height}, {frames} frames; {sampling.steps} {sampling.sampler} steps, "
                  f"shift {sampling.shift:g}, guide scale {high_g:g} (high noise) / {low_g:g} (low noise)"
                  f"{'' if sampling.uses_cfg else ', no CFG'}; seed {seed}")
+        with phase("plan"):
+            self.plan_experts(config, requests, lora_specs)
         f_lat = latent_frames(frames)
         pt, ph, pw = config.patch_size
         seq_len = f_lat * size.lat_h * size.lat_w // (pt * ph * pw)
@@ -639,11 +800,12 @@ class Pipeline:
         # 4. Noise.
         x = initial_noise(seed, (LATENT_CHANNELS, f_lat, size.lat_h, size.lat_w)).to(self.device)
 
-        # 5. Denoising.
+        # 5. Denoising: the first expert is made ready while loading, the switch is timed
+        #    on its own ("swap"), each expert's steps too ("denoise_high", "denoise_low").
         with phase("load_experts"):
-            experts = self._experts()
-        sampler_ = make_sampler(sampling.sampler, sampling.steps, sampling.shift)
-        schedule = [expert_for_timestep(t, sampling.boundary) for t in sampler_.timesteps]
+            experts = self._experts(progress)
+            streamed = self._experts_key is not None and self._experts_key[0] == "streamed"
+            experts.activate(EXPERT_NAMES[schedule[0]])
         step_times: list[float] = []
         bar = _progress_bar(progress, sampling.steps)
         with phase("denoise"):
@@ -653,8 +815,11 @@ class Pipeline:
                     name = EXPERT_NAMES[schedule[k]]
                     if k > 0 and schedule[k] != schedule[k - 1]:
                         self.log(f"step {k + 1}: switching to the {name}-noise expert")
+                        with phase("swap"):
+                            experts.activate(name)
+                        t0 = time.perf_counter()
                     model = experts.activate(name)
-                    if lora_specs or lora_state(model) is not None:  # no work when already on
+                    if not streamed and (lora_specs or lora_state(model) is not None):  # no work when already on
                         apply_loras(model, lora_specs, expert=name, mode=self.lora_mode, log=self.log)
                     g = guide_scale_for(schedule[k], sampling.guide_scale)
                     v = _velocity(model, x, t, y, pos, neg if g != 1.0 else None, g, seq_len)
@@ -666,6 +831,7 @@ class Pipeline:
                             f"the latent is no longer finite after step {k + 1} ({name}-noise expert); "
                             "try --dtype fp32, or check that the expert files are intact")
                     step_times.append(time.perf_counter() - t0)
+                    timings[f"denoise_{name}"] = timings.get(f"denoise_{name}", 0.0) + step_times[-1]
                     meter.sample()
                     if bar is not None:
                         bar.set_postfix_str(f"{name} noise", refresh=False)
@@ -675,6 +841,11 @@ class Pipeline:
             finally:
                 if bar is not None:
                     bar.close()
+                release = getattr(experts, "release_device", None)
+                if release is not None:
+                    release()  # the decode gets the device; the experts stay attached for the next video
+        if "swap" in timings:
+            timings["denoise"] -= timings["swap"]
 
         # 6. Decode.
         with phase("vae_decode"):
@@ -702,9 +873,24 @@ class Pipeline:
             "model": {c: str(getattr(self.files, c)) if getattr(self.files, c) else None
                       for c in ("high_noise", "low_noise", "text_encoder", "vae")},
         }
+        if streamed:
+            settings["vram"] = self.vram if self.vram == AUTO else f"{self.vram / 2**30:g}GiB"
+            settings["ram"] = self.ram if self.ram == AUTO else f"{self.ram / 2**30:g}GiB"
         return GenerationResult(
             frames=to_uint8_frames(video), video=video, latent=x.cpu(), seed=seed, settings=settings,
             timings=timings, step_times=step_times, memory=meter.report(), notes=notes)
+
+
+def expert_requests(schedule, guide_scale, size: VideoSize, frames: int, dtype: torch.dtype) -> dict:
+    """What each expert that runs computes: a stream.Request of the video's size, batch 2
+    where its guide scale asks for CFG (both passes share a forward), else 1."""
+    from .stream import Request
+
+    out = {}
+    for expert in dict.fromkeys(schedule):
+        batch = 2 if guide_scale_for(expert, guide_scale) != 1.0 else 1
+        out[EXPERT_NAMES[expert]] = Request(size.width, size.height, frames, batch=batch, dtype=dtype)
+    return out
 
 
 def _velocity(model, x, t, y, pos, neg, g: float, seq_len: int) -> torch.Tensor:
@@ -757,8 +943,10 @@ def load_pipeline(
 
     device: "cuda", "cuda:N" or "cpu" (default: cuda when available). dtype: the experts'
     compute dtype, bf16 (default on CUDA; the official numerics) or fp32 (default on CPU).
-    vram / ram: "auto" or GiB (a number, or "7.5GiB", "6144MiB"), the budgets the
-    streaming engine plans to. prompt_cache: True (the default cache folder), False, a
+    vram / ram: "auto" (the default) or GiB (a number, or "7.5GiB", "6144MiB"): the budgets
+    the streaming engine plans every large module to on CUDA (VRAM as the driver counts it,
+    the CUDA context included); a request that cannot fit is refused by `generate` before
+    anything loads. Unused on the CPU. prompt_cache: True (the default cache folder), False, a
     folder or a PromptCache. text_device: where the umt5 encoder runs (default: the device
     when it fits there, else the CPU). log: called with one line per event (loading, notes).
     loras: LoRAs for every generation (runtime.lora.LoraSpec(path, strength, expert), or
@@ -766,6 +954,7 @@ def load_pipeline(
     them, "auto" (default), "merge" (into the decoded weight) or "side" (beside the matmul)."""
     files = resolve_model_files(model, high_noise=high_noise, low_noise=low_noise, text_encoder=text_encoder,
                                 tokenizer=tokenizer, vae=vae)
+    use_expandable_segments()  # before CUDA initialises, or it is too late
     device = resolve_device(device)
     pipe = Pipeline(files, device=device, dtype=resolve_dtype(dtype, device), vram=parse_memory(vram, "vram"),
                     ram=parse_memory(ram, "ram"), prompt_cache=prompt_cache,
@@ -777,4 +966,5 @@ def load_pipeline(
 
 
 __all__ = ["load_pipeline", "Pipeline", "GenerationResult", "GenerationError", "SamplingSettings",
-           "resolve_sampling", "initial_noise", "open_experts", "ResidentExperts", "check_expert_files"]
+           "resolve_sampling", "initial_noise", "open_experts", "ResidentExperts", "check_expert_files",
+           "expert_requests", "uses_streaming", "use_expandable_segments", "MemoryMeter"]

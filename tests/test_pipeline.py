@@ -499,27 +499,3 @@ def test_expert_bytes_from_the_headers(golden):
     _, bf16 = pipeline_mod.check_expert_files(ckpt / "high_noise_model", ckpt / "low_noise_model", torch.bfloat16)
     assert config.model_type == "i2v"
     assert fp32 == stored and stored / 2 < bf16 < stored  # linear weights narrowed, the rest kept
-
-
-@pytest.mark.golden
-def test_resident_experts_that_do_not_fit_are_refused_up_front(golden, monkeypatch):
-    ckpt = golden / "pipeline" / "checkpoint"
-    files = ModelFiles(ckpt / "high_noise_model", ckpt / "low_noise_model")
-    pipe = Pipeline(files, device=torch.device("cuda"), dtype=torch.bfloat16, vram=1 << 20)
-    monkeypatch.setattr(pipeline_mod, "_device_room", lambda device, vram: 1 << 20)
-    with pytest.raises(ValueError, match="the two experts take .* and 0.0 GiB is available within --vram"):
-        pipe._check_experts()
-    monkeypatch.setattr(pipeline_mod, "_device_room", lambda device, vram: 1 << 40)
-    assert pipe._check_experts().model_type == "i2v"
-
-
-def test_text_encoder_goes_to_the_cpu_when_it_does_not_fit(tmp_path, monkeypatch):
-    weights = tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
-    weights.write_bytes(b"\0" * 1000)
-    pipe = Pipeline(ModelFiles(text_encoder=weights), device=torch.device("cuda"), dtype=torch.bfloat16)
-    monkeypatch.setattr(pipeline_mod, "_device_room", lambda device, vram: 2**30)
-    assert pipe._text_device() == torch.device("cpu")
-    monkeypatch.setattr(pipeline_mod, "_device_room", lambda device, vram: 2**31)
-    assert pipe._text_device() == torch.device("cuda")
-    pipe.text_device = torch.device("cpu")
-    assert pipe._text_device() == torch.device("cpu")

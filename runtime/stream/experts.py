@@ -11,6 +11,7 @@ device arena (ring slots and resident buffers), allocated once.
     ... high-noise steps: model(...) ...
     model = experts.activate("low")       # once, at the boundary
     ... low-noise steps ...
+    experts.release_device()              # between videos: the VAE gets the device memory
     experts.close()
 """
 from __future__ import annotations
@@ -68,16 +69,22 @@ class ExpertSet:
         for _, _, own in needs:
             own = sorted(own, reverse=True)
             resident = [max(a, b) for a, b in zip(resident, own)] + resident[len(own):] + own[len(resident):]
-        self.arena = DeviceArena(self.device, max(n[0] for n in needs), max(n[1] for n in needs), resident)
-        for engine in self.engines.values():
-            engine.use_arena(self.arena)
+        self._arena_needs = (max(n[0] for n in needs), max(n[1] for n in needs), resident)
+        self.arena: DeviceArena | None = None
+        self._allocate_arena()
         if prefetch == "auto":
             budget = min(p.ram.budget for p in self.plans.values())
             both = sum(p.ram.pinned + p.ram.staging for p in self.plans.values())
             prefetch = both <= budget
         self.prefetch = bool(prefetch)
         self.active: str | None = None
+        self._parked: str | None = None  # active before release_device(), host copies kept
         self._loader: tuple[str, threading.Thread, threading.Event] | None = None
+
+    def _allocate_arena(self) -> None:
+        self.arena = DeviceArena(self.device, *self._arena_needs)
+        for engine in self.engines.values():
+            engine.use_arena(self.arena)
 
     @property
     def model(self) -> nn.Module:
@@ -97,6 +104,11 @@ class ExpertSet:
             self.engines[old].deactivate(release_host=True)
             move_outside_blocks(self.models[old], "cpu", self.blocks)
             self.active = None
+        parked, self._parked = self._parked, None
+        if parked is not None and parked != name:
+            self.engines[parked].deactivate(release_host=True)
+        if self.arena is None:
+            self._allocate_arena()
         self._finish_loader(name)
         move_outside_blocks(self.models[name], self.device, self.blocks)
         self.engines[name].activate()
@@ -127,9 +139,25 @@ class ExpertSet:
         if name != wanted:
             self.engines[name].deactivate(release_host=True)
 
+    def release_device(self) -> None:
+        """Give every byte of device memory back until the next `activate` (another stage,
+        e.g. a VAE decode, needs it): the active expert stops streaming but keeps its host
+        copies (activating it again uploads them, activating the other expert releases
+        them), its weights outside the blocks go to the CPU, and the arena is freed. A
+        background read of the next expert goes on."""
+        if self.active is not None:
+            self.engines[self.active].deactivate(release_host=False)
+            move_outside_blocks(self.models[self.active], "cpu", self.blocks)
+            self._parked, self.active = self.active, None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
     def close(self) -> None:
         self._finish_loader(None)
         for engine in self.engines.values():
             engine.close()
-        self.arena.close()
-        self.active = None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        self.active = self._parked = None

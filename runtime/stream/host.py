@@ -321,6 +321,9 @@ class HostStore:
             if not self.reloadable:
                 for p in layout.places:
                     p.host = None  # the pinned copy is the only copy now
+                # the module reads it too, so its own tensors are freed block by block
+                # (host memory holds one copy of the model while loading, not two)
+                bind(layout, buf.tensor)
             if progress is not None:
                 progress(layout.nbytes)
 
