@@ -3,15 +3,18 @@
     python -m runtime.generate --demo -o demo.mp4          # tiny random model, seconds on a CPU
     python -m runtime.generate --model Wan2.2-I2V-A14B -i cat.png -p "a cat turns its head" -o cat.mp4
     python -m runtime.generate --high-noise high.gguf --low-noise low.gguf --text-encoder umt5.gguf \\
-        --vae wan_2.1_vae.safetensors -i cat.png -p "..." --preset lightx2v-4step
+        --vae wan_2.1_vae.safetensors -i cat.png -p "..." --preset lightx2v-4step --vram 8
 
 Environment variables that Wan I2V scripts commonly read give defaults for flags not on
 the command line: INPUT_IMAGE, POSITIVE_PROMPT, NEGATIVE_PROMPT, WIDTH, HEIGHT, LENGTH, SEED.
 
+On a GPU the experts and the text encoder stream through the engine to fit --vram and
+--ram; the plan is printed before the work starts.
+
 Everything that can be refused (arguments, the image, the size, the output path, missing
-or mismatched model files) is refused before any model is loaded. A run that fails or is
-interrupted leaves nothing under the output name. Errors are one line and exit code 2;
---debug shows the traceback.
+or mismatched model files, a video that cannot fit the budgets) is refused before any
+model is loaded. A run that fails or is interrupted leaves nothing under the output name.
+Errors are one line and exit code 2; --debug shows the traceback.
 """
 from __future__ import annotations
 
@@ -106,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     r.add_argument("--dtype", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
     r.add_argument("--text-device", help="where the text encoder runs (default: the device when it fits, else cpu)")
-    r.add_argument("--vram", help="GPU memory budget: 'auto' or GiB (8, 7.5, 6144MiB)")
-    r.add_argument("--ram", help="host memory budget: 'auto' or GiB")
+    r.add_argument("--vram", default="auto",
+                   help="GPU memory budget as the driver counts it (nvidia-smi), CUDA context included: 'auto' "
+                        "(what is free) or GiB (8, 7.5, 6144MiB); the experts and the text encoder stream to fit "
+                        "it, and a video that cannot fit is refused before anything loads (default auto)")
+    r.add_argument("--ram", default="auto",
+                   help="host memory budget: 'auto' (what is available, less 3 GiB) or GiB; blocks that do not "
+                        "fit are read from the file as they are needed (default auto)")
     r.add_argument("--lora-mode", choices=("auto", "merge", "side"), default="auto",
                    help="how LoRAs run: merged into each decoded weight, beside the matmul, or per layer "
                         "whichever is cheaper (default auto)")
@@ -193,16 +201,27 @@ def _gib(n: int) -> str:
 
 def summary_lines(result, saved) -> list[str]:
     t = result.timings
-    phases = [("prepare", "prepare"), ("text", "text"), ("vae_encode", "VAE encode"),
-              ("load_experts", "load experts"), ("denoise", "denoise"), ("vae_decode", "VAE decode")]
-    parts = [f"{label} {t[key]:.1f} s" for key, label in phases if key in t]
-    if result.step_times:
-        parts[-2 if "vae_decode" in t else -1] += f" ({sum(result.step_times) / len(result.step_times):.2f} s/step)"
+    phases = [("prepare", "prepare"), ("plan", "plan"), ("text", "text"), ("vae_encode", "VAE encode"),
+              ("load_experts", "load experts"), ("denoise", "denoise"), ("swap", "expert swap"),
+              ("vae_decode", "VAE decode")]
+    parts = []
+    for key, label in phases:
+        if key not in t:
+            continue
+        part = f"{label} {t[key]:.1f} s"
+        if key == "denoise" and result.step_times:
+            per = [f"{sum(result.step_times) / len(result.step_times):.2f} s/step"]
+            per += [f"{e} {t[f'denoise_{e}']:.1f} s" for e in ("high", "low") if f"denoise_{e}" in t]
+            part += f" ({', '.join(per)})"
+        parts.append(part)
     mem = result.memory
     memory = [f"host peak RSS {_gib(mem['host_peak_rss'])}"] if mem.get("host_peak_rss") else []
+    if mem.get("host_pinned_peak"):
+        memory.append(f"pinned {_gib(mem['host_pinned_peak'])}")
     if "cuda_peak_allocated" in mem:
         memory.append(f"GPU peak {_gib(mem['cuda_peak_allocated'])} allocated, "
-                      f"{_gib(mem['cuda_peak_reserved'])} reserved, {_gib(mem['cuda_peak_driver'])} in the driver")
+                      f"{_gib(mem['cuda_peak_reserved'])} reserved, {_gib(mem['cuda_peak_driver'])} in the driver "
+                      "(sampled)")
     lines = [f"wrote {saved.path} ({saved.frames} frames, {saved.width}x{saved.height}, {saved.fps:g} fps)"
              + (f" and {saved.sidecar}" if saved.sidecar else ""),
              f"seed {result.seed}",
@@ -226,8 +245,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .pipeline import load_pipeline
+    from .pipeline import load_pipeline, use_expandable_segments
     from .video_io import DEFAULT_FPS, check_output_path
+
+    use_expandable_segments()  # before anything touches CUDA: fragmentation against the planner's margin
 
     env_notes = [] if args.demo else apply_environment(args)
     check_arguments(args)
@@ -278,7 +299,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the input was wrong (a message, not a traceback)."""
     import torch
 
-    return (ValueError, OSError, ImportError, torch.OutOfMemoryError)
+    return (ValueError, OSError, ImportError, MemoryError, torch.OutOfMemoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

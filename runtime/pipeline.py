@@ -772,8 +772,9 @@ class Pipeline:
         self.log(f"video {size.width}x{size.height}, {frames} frames; {sampling.steps} {sampling.sampler} steps, "
                  f"shift {sampling.shift:g}, guide scale {high_g:g} (high noise) / {low_g:g} (low noise)"
                  f"{'' if sampling.uses_cfg else ', no CFG'}; seed {seed}")
-        with phase("plan"):
-            self.plan_experts(config, requests, lora_specs)
+        if self.streaming:
+            with phase("plan"):
+                self.plan_experts(config, requests, lora_specs)
         f_lat = latent_frames(frames)
         pt, ph, pw = config.patch_size
         seq_len = f_lat * size.lat_h * size.lat_w // (pt * ph * pw)
