@@ -158,7 +158,8 @@ def plan_experts(
             plans[name] = plan_dit(config, request, weights=weights[name], vram=budget_arg(vram),
                                    ram=budget_arg(ram), device=info, resident=resident)
         except PlanError as err:
-            raise PlanError(f"the {ROLES[name]} expert {err}", err.needed, err.budget, err.alternatives) from None
+            sep = " " if str(err).startswith("needs ") else ": "
+            raise PlanError(f"the {ROLES[name]} expert{sep}{err}", err.needed, err.budget, err.alternatives) from None
     flat = [n for n in requests if not weights[n].reloadable]
     if flat:
         need = sum(weights[n].total for n in flat)
