@@ -234,31 +234,34 @@ def bench_block(size, kind: str, batch: int, device, runs: int, warmup: int, pro
     clock = bench_dit.Clock(device)
     row = {"kind": kind, "cfg_batch": batch, "tokens": tokens, "modes": {}}
     saved = fused.enabled()
+    # The modes take turns run by run, so that both meet the same clocks and temperature.
+    block_times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    stages: dict[str, dict[str, list[float]]] = {mode: {} for mode in MODES}
     try:
-        for mode in MODES:
-            fused.set_enabled(mode == "kernels")
-            block_times = clock.time(lambda: block(x, ctx), runs, warmup, before=lambda: x.copy_(x0))
-            stages: dict[str, list[float]] = {}
-            for i in range(warmup + runs):
+        for i in range(warmup + runs):
+            for mode in MODES:
+                fused.set_enabled(mode == "kernels")
+                block_times[mode] += clock.time(lambda: block(x, ctx), 1, 0, before=lambda: x.copy_(x0))
                 x.copy_(x0)
                 marks = Marks(device)
                 staged_forward(block, x, ctx, marks)
-                if i >= warmup:
-                    for name, s in marks.seconds().items():
-                        stages.setdefault(name, []).append(s)
+                for name, s in marks.seconds().items():
+                    stages[mode].setdefault(name, []).append(s)
+        for mode in MODES:
+            fused.set_enabled(mode == "kernels")
             m = {
-                "block_seconds": statistics.median(block_times),
-                "block_all_seconds": block_times,
-                "stages": {name: statistics.median(v) for name, v in stages.items()},
+                "block_seconds": statistics.median(block_times[mode][warmup:]),
+                "block_all_seconds": block_times[mode][warmup:],
+                "stages": {name: statistics.median(v[warmup:]) for name, v in stages[mode].items()},
             }
             m["staged_total_seconds"] = sum(m["stages"].values())
+            m["tflops"] = bench_dit.block_flops(cfg, tokens, batch) / m["block_seconds"] / 1e12
             # The staged run must compute what the block does (else it times something else).
             x.copy_(x0)
             staged = staged_forward(block, x, ctx, lambda name: None).clone()
             x.copy_(x0)
             m["staged_vs_block_max_abs"] = (staged - block(x, ctx)).abs().max().item()
             del staged
-            m["tflops"] = bench_dit.block_flops(cfg, tokens, batch) / m["block_seconds"] / 1e12
             if profile and device.type == "cuda":
                 x.copy_(x0)
                 m["profile"] = profile_once(lambda: block(x, ctx))
@@ -290,12 +293,18 @@ def steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def agree(name: str, native: torch.Tensor, twin: torch.Tensor) -> dict:
+    """Share of identical values; the largest difference in steps of the dtype among values
+    not lost to cancellation (|twin| >= 1/256 of the largest), and relative to the largest."""
     s = steps(native, twin)
+    diff = (native.double() - twin.double()).abs()
+    top = twin.double().abs().max()
+    big = twin.double().abs() >= top / 256
     return {
         "stage": name,
         "dtype": str(native.dtype).removeprefix("torch."),
         "identical": (s == 0).double().mean().item(),
-        "max_steps": int(s.max().item()),
+        "max_steps": int(s[big].max().item()),
+        "max_abs_over_max_value": (diff.max() / top).item(),
         "rel_l2": ((native.double() - twin.double()).norm() / twin.double().norm()).item(),
     }
 
@@ -393,11 +402,11 @@ def tables(rows: list[dict], agreement_rows: list[dict], ceil: dict | None) -> s
                 for c in cats))
     if agreement_rows:
         lines.append("\nkernels vs twins, full size, fresh random data")
-        head = f"{'stage':<42}{'dtype':>9}{'identical':>12}{'max steps':>11}{'rel_l2':>10}"
+        head = f"{'stage':<42}{'dtype':>9}{'identical':>12}{'max steps':>11}{'max/top':>10}{'rel_l2':>10}"
         lines += [head, "-" * len(head)]
         for a in agreement_rows:
             lines.append(f"{a['stage']:<42}{a['dtype']:>9}{a['identical'] * 100:>11.4f}%{a['max_steps']:>11}"
-                         f"{a['rel_l2']:>10.1e}")
+                         f"{a['max_abs_over_max_value']:>10.1e}{a['rel_l2']:>10.1e}")
     if ceil:
         lines.append(f"\nceilings: copy {ceil['copy_gbps']:.0f} GB/s (read + write); "
                      f"bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s")

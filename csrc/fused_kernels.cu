@@ -55,10 +55,13 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
     T v[N];
 };
 
-template <typename T, int N> __device__ __forceinline__ void load(const T *p, float (&out)[N]) {
-    const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N> *>(p);
+template <typename T, int N> __device__ __forceinline__ void unpack(const Pack<T, N> &pack, float (&out)[N]) {
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = to_f32(pack.v[k]);
+}
+
+template <typename T, int N> __device__ __forceinline__ void load(const T *p, float (&out)[N]) {
+    unpack(*reinterpret_cast<const Pack<T, N> *>(p), out);
 }
 
 template <typename T, int N> __device__ __forceinline__ void store(T *p, const float (&in)[N]) {
@@ -155,41 +158,59 @@ __global__ void __launch_bounds__(1024) rms_norm_rope_kernel(T *__restrict__ x, 
                                                              int head_dim) {
     const int64_t row = blockIdx.x;
     x += row * dim;
-    float v[kItems][kVec];
+    Pack<T, kVec> raw[kItems];  // the row as stored: half the registers of floats for bf16
     float squares = 0.0f;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
         const int c = (threadIdx.x + i * blockDim.x) * kVec;
         if (c < dim) {
-            load(x + c, v[i]);
+            float v[kVec];
+            raw[i] = *reinterpret_cast<const Pack<T, kVec> *>(x + c);
+            unpack(raw[i], v);
 #pragma unroll
-            for (int k = 0; k < kVec; ++k) squares += v[i][k] * v[i][k];
+            for (int k = 0; k < kVec; ++k) squares += v[k] * v[k];
         }
     }
     const float r = rsqrtf(block_sum(squares) * (1.0f / (float)dim) + eps);
-    const bool rotated = row < n_rot;
-    const double2 *turn = rot + row * (head_dim / 2);
+    float y[kItems][kVec];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
         const int c = (threadIdx.x + i * blockDim.x) * kVec;
         if (c < dim) {
-            float w[kVec], y[kVec];
+            float v[kVec], w[kVec];
+            unpack(raw[i], v);
             load(weight + c, w);
 #pragma unroll
-            for (int k = 0; k < kVec; ++k) y[k] = round_to<T>(v[i][k] * r) * w[k];
-            if constexpr (kVec >= 2) {
-                if (rotated) {
+            for (int k = 0; k < kVec; ++k) y[i][k] = round_to<T>(v[k] * r) * w[k];
+        }
+    }
+    if constexpr (kVec >= 2) {
+        if (row < n_rot) {
+            const double2 *turn = rot + row * (head_dim / 2);
+            // When the block's stride is a whole number of heads (the usual case), every
+            // vector of a thread sits at the same place in its head: one read of its
+            // rotations serves them all.
+            const bool same_pairs = (blockDim.x * kVec) % head_dim == 0;
 #pragma unroll
-                    for (int k = 0; k < kVec; k += 2) {
-                        const double2 cs = turn[((c + k) % head_dim) >> 1];
-                        const double a = y[k], b = y[k + 1];
-                        y[k] = (float)(a * cs.x - b * cs.y);
-                        y[k + 1] = (float)(a * cs.y + b * cs.x);
+            for (int k = 0; k < kVec; k += 2) {
+                const double2 shared_cs = same_pairs ? turn[((threadIdx.x * kVec + k) % head_dim) >> 1] : double2{};
+#pragma unroll
+                for (int i = 0; i < kItems; ++i) {
+                    const int c = (threadIdx.x + i * blockDim.x) * kVec;
+                    if (c < dim) {
+                        const double2 cs = same_pairs ? shared_cs : turn[((c + k) % head_dim) >> 1];
+                        const double a = y[i][k], b = y[i][k + 1];
+                        y[i][k] = (float)(a * cs.x - b * cs.y);
+                        y[i][k + 1] = (float)(a * cs.y + b * cs.x);
                     }
                 }
             }
-            store(x + c, y);
         }
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+        const int c = (threadIdx.x + i * blockDim.x) * kVec;
+        if (c < dim) store(x + c, y[i]);
     }
 }
 
@@ -296,9 +317,10 @@ wanrt_status rms_norm_rope(void *x, int64_t n_rows, int64_t dim, const float *we
         rms_norm_rope_kernel<T, kWide, kWideItems>
             <<<(unsigned)n_rows, threads, 0, stream>>>(xt, (int)dim, weight, eps, rot, n_rot, head_dim);
     } else if (dim % 2 == 0 && aligned(x, 2 * sizeof(T)) && aligned(weight, 8)) {
-        const int threads = row_threads(dim, 2, kNarrowItems);
-        if (!threads) return too_wide(fn, dim, (int64_t)kMaxThreads * 2 * kNarrowItems);
-        rms_norm_rope_kernel<T, 2, kNarrowItems>
+        constexpr int kPairItems = kNarrowItems / 2;  // the same row length as one-value vectors
+        const int threads = row_threads(dim, 2, kPairItems);
+        if (!threads) return too_wide(fn, dim, (int64_t)kMaxThreads * 2 * kPairItems);
+        rms_norm_rope_kernel<T, 2, kPairItems>
             <<<(unsigned)n_rows, threads, 0, stream>>>(xt, (int)dim, weight, eps, rot, n_rot, head_dim);
     } else if (n_rot == 0) {
         const int threads = row_threads(dim, 1, kNarrowItems);

@@ -153,9 +153,12 @@ def test_affine_layer_norm_kernel_equals_twin(rows, dim, out_dtype, twins_only):
     check_agree(native, twin, exact_bf16=True)
 
 
-# (rows, rotated rows, heads, head_dim): the real head layout with padding rows; heads of
-# 6 (a 16-byte vector spans two heads); a width off the vector (pairs kernel); no rope.
-RMS_CASES = [(1024, 1000, 40, 128), (77, 77, 40, 6), (33, 20, 3, 10), (40, 0, 40, 128), (11, 0, 1, 33)]
+# (rows, rotated rows, heads, head_dim): the real head layout with padding rows; small heads
+# that several vectors of one thread share; heads of 6 (a 16-byte vector spans two heads);
+# a width off the vector (pairs kernel); no rope.
+RMS_CASES = [
+    (1024, 1000, 40, 128), (50, 45, 64, 16), (77, 77, 40, 6), (33, 20, 3, 10), (40, 0, 40, 128), (11, 0, 1, 33)
+]
 
 
 @pytest.mark.gpu
