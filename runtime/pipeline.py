@@ -963,6 +963,8 @@ def load_pipeline(
                     loras=loras, lora_mode=lora_mode)
     for note in files.notes:
         pipe.log(note)
+    if not pipe.streaming and (pipe.vram != AUTO or pipe.ram != AUTO):
+        pipe.log(f"--vram/--ram are not used on {device}: nothing streams there")
     return pipe
 
 

@@ -230,6 +230,10 @@ class StreamedExperts:
                 self.plans.update(plan_experts(config, sources, {n: requests[n] for n in changed}, vram=vram,
                                                ram=ram, info=info, dtype=dtype, resident=resident,
                                                weights={n: exact[n] for n in changed}))
+                for n in changed:
+                    log(f"{ROLES[n]} expert: planned again from the loaded weights (their headers said otherwise)")
+                    for line in self.plans[n].describe().splitlines():
+                        log(line)
             self.set = ExpertSet({n: (self.models[n], self.sources[n]) for n in self.names}, self.plans,
                                  device=device, progress=progress)
         except BaseException:
