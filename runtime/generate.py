@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1

@@ -625,8 +625,8 @@ class Pipeline:
             if text == shown:
                 self.log(f"{name}-noise expert: the same plan")
                 continue
-            self.log(f"{name}-noise expert, {'streamed from' if weights[name].reloadable else 'held in host memory, from'} "
-                     f"{sources[name]}")
+            where = "streamed from" if weights[name].reloadable else "held in host memory, from"
+            self.log(f"{name}-noise expert, {where} {sources[name]}")
             for line in text.splitlines():
                 self.log(line)
             shown = text
