@@ -2,25 +2,33 @@
 
 Makes a bf16 safetensors file with Wan A14B-shaped tensors (5120-wide blocks: q/k/v/o
 5120x5120, ffn 13824x5120 and 5120x13824, biases, norms, modulation, plus the
-embeddings and head), converts it with our converter in a subprocess per type (so peak
-RSS is that run's own), and runs gguf-py's quantizer on one block's tensors in the same
-run for the speed ratio.
+embeddings and head), reads it once so it sits in the page cache (as a checkpoint does
+right after a download or a first run), then, per type, runs three conversions of the
+same tensors to the same types, each in its own process (so CPU time and peak RSS are
+that run's own):
 
-    python bench/convert.py [--blocks 6] [--types q8_0,q4_0] [--out bench-convert.json]
+* ours: `quant.convert.convert()` as the CLI runs it (read, quantize and write overlap);
+* ours, one stage at a time: the same reader, `tensor_bytes` and `GGUFWriter`, called
+  one after the other with a timer around each stage (read / quantize / write);
+* gguf-py: a converter built on gguf-py: `safetensors.safe_open` (memory map), torch
+  widening to float32, `gguf.quants.quantize`, `gguf.GGUFWriter` streaming tensor by
+  tensor, then fsync (ours syncs too), with a timer around each stage.
 
-Reported per type: seconds inside the converter, source GB/s (bf16 bytes read per
-second), peak RSS and peak RSS minus the largest source tensor, and the ratio of our
-converter's rate to gguf-py's rate (read + widen to float32 + gguf.quants.quantize, no
-file writing) on the same tensors. To show where the time goes, each stage is also
-timed alone: reading every tensor, our codec on one block, and writing as many bytes
-as the output into the same folder. Other processes share the CPU: the load average
-before and after each run is recorded.
+All three files must be byte-identical (checked). Reported: CPU seconds per GB of
+source per stage (user + system, every thread: independent of how busy the machine
+is), wall GB/s of source with the load average at the time, peak RSS above the largest
+tensor, and ratios to gguf-py measured in this run: "quantizer only" (bf16 tensor in
+memory -> blocks in memory: ours `tensor_bytes`, theirs float32 widening + quantize)
+and "end to end" (source file in the page cache -> synced GGUF file).
+
+    python bench/convert.py [--blocks 6] [--types q8_0,q4_0] [--dir DIR] [--out bench-convert.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,34 +40,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quant.safetensors_io import SafetensorsFile, TensorToWrite, write_safetensors  # noqa: E402
+from quant.safetensors_io import TensorToWrite, write_safetensors  # noqa: E402
 
 DIM, FFN, TEXT_DIM, FREQ_DIM, IN_DIM, OUT_DIM = 5120, 13824, 4096, 256, 36, 16
-
-# The child measures its own peak RSS (ru_maxrss is per process) and time inside convert().
-_CHILD = r"""
-import json, resource, sys
-from quant.convert import ConvertOptions, convert
-from quant.ggml_types import parse_type
-
-def status(key):  # VmHWM is this process's own peak; ru_maxrss would include the parent's at fork
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-def cpu():
-    u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime, u.ru_stime
-
-src, out, type_name, report = sys.argv[1:5]
-rss0 = status("VmRSS")
-user0, sys0 = cpu()
-r = convert(src, out, ConvertOptions(type=parse_type(type_name), force=True, progress=False))
-user1, sys1 = cpu()
-json.dump({"seconds": r.seconds, "source_bytes": r.source_bytes, "output_bytes": r.output_bytes,
-           "user_seconds": user1 - user0, "system_seconds": sys1 - sys0,
-           "rss_before_bytes": rss0, "peak_rss_bytes": status("VmHWM")}, open(report, "w"))
-"""
+STAGES = ("read", "quantize", "write")
 
 
 def wan_shapes(n_blocks: int) -> dict[str, tuple[int, ...]]:
@@ -98,8 +82,7 @@ def wan_shapes(n_blocks: int) -> dict[str, tuple[int, ...]]:
     return dict(sorted(shapes.items()))
 
 
-def make_checkpoint(path: Path, n_blocks: int) -> dict[str, tuple[int, ...]]:
-    shapes = wan_shapes(n_blocks)
+def make_checkpoint(path: Path, n_blocks: int) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def produce(shape):
@@ -108,149 +91,295 @@ def make_checkpoint(path: Path, n_blocks: int) -> dict[str, tuple[int, ...]]:
             return (torch.randn(shape, generator=gen) / fan_in**0.5).to(torch.bfloat16)
         return f
 
-    write_safetensors(path, [TensorToWrite(n, torch.bfloat16, s, produce(s)) for n, s in shapes.items()])
-    return shapes
+    write_safetensors(path, [TensorToWrite(n, torch.bfloat16, s, produce(s)) for n, s in wan_shapes(n_blocks).items()])
 
 
-def warm_page_cache(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(1 << 26):
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from quant.safetensors_io import SafetensorsFile
+
+    with SafetensorsFile(path) as f:
+        return {n: e.shape for n, e in f.entries.items()}
+
+
+def warm_page_cache(path: Path) -> float:
+    """Read the file once (into the page cache); CPU seconds per GB it took. On a
+    virtual machine, memory the guest has not touched for a while can cost ~1 CPU-s/GB
+    to touch again (the host faults it back in): this pass takes that cost, so it does
+    not land on whichever run comes first."""
+    t = Clock.now()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(64 << 20)
+        while f.readinto(buf):
             pass
+    return (Clock.now()[1] - t[1]) / (path.stat().st_size / 1e9)
 
 
-def run_ours(src: Path, out: Path, type_name: str) -> dict:
-    report = out.with_suffix(".json")
+def same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        while True:
+            x, y = fa.read(32 << 20), fb.read(32 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+# ---- children: each conversion in its own process ------------------------------------
+
+class Clock:
+    """Wall and CPU seconds (user + system, all threads of this process) per stage."""
+
+    def __init__(self):
+        self.wall = {s: 0.0 for s in STAGES}
+        self.cpu = {s: 0.0 for s in STAGES}
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), u.ru_utime + u.ru_stime
+
+    def add(self, stage: str, since: tuple[float, float]) -> tuple[float, float]:
+        now = self.now()
+        self.wall[stage] += now[0] - since[0]
+        self.cpu[stage] += now[1] - since[1]
+        return now
+
+
+def _peak_rss() -> int:
+    # VmHWM is this process's own peak; ru_maxrss would include the parent's at fork
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _file_layout(path: Path):
+    """Metadata (key, value, type, item type) and tensors (name, torch shape, type) of a GGUF file."""
+    from quant.gguf_reader import GGUFFile
+
+    with GGUFFile(path) as f:
+        meta = [(k, v, *f.metadata_types[k]) for k, v in f.metadata.items() if k != "general.architecture"]
+        tensors = [(n, t.shape, t.ggml_type) for n, t in f.tensors.items()]
+        return f.architecture, meta, tensors
+
+
+def child_ours(src: str, out: str, type_name: str) -> dict:
+    from quant.convert import ConvertOptions, convert
+    from quant.ggml_types import parse_type
+
+    t = Clock.now()
+    r = convert(src, out, ConvertOptions(type=parse_type(type_name), force=True, progress=False))
+    t1 = Clock.now()
+    return {"seconds": t1[0] - t[0], "cpu_seconds": t1[1] - t[1], "source_bytes": r.source_bytes,
+            "output_bytes": r.output_bytes}
+
+
+def child_serial(src: str, out: str, layout_of: str) -> dict:
+    """Our pieces one stage at a time, in one thread: read a piece of rows, quantize
+    it, write it, next (the same piece size, reader, encoder and writer as convert)."""
+    from quant.checkpoint import open_checkpoint
+    from quant.convert import tensor_bytes
+    from quant.convert_pipeline import PIECE_ELEMENTS
+    from quant.ggml_types import row_nbytes
+    from quant.gguf_writer import GGUFWriter
+    from quant.type_policy import TensorPlan
+
+    arch, meta, tensors = _file_layout(Path(layout_of))
+    clock = Clock()
+    with open_checkpoint(src) as ckpt:
+        rbuf = torch.empty(PIECE_ELEMENTS * 2, dtype=torch.uint8)
+        obuf = torch.empty(PIECE_ELEMENTS * 4, dtype=torch.uint8)
+        w = GGUFWriter(out, arch=arch, overwrite=True)
+        for key, value, vtype, itype in meta:
+            w.add_metadata(key, value, vtype, item_type=itype)
+
+        def produce(name, shape, ggml_type):
+            plan = TensorPlan(name, shape, ggml_type, None, "")
+            read = ckpt.byte_reader(name)
+            dtype = ckpt.info(name).dtype
+            n = shape[-1]
+            rows = torch.Size(shape).numel() // n
+            step = max(1, PIECE_ELEMENTS // n)
+
+            def pieces():
+                for r in range(0, rows, step):
+                    k = min(step, rows - r)
+                    t = Clock.now()
+                    x = read(r * n * dtype.itemsize, rbuf[: k * n * dtype.itemsize], threads=1).view(dtype).view(k, n)
+                    t = clock.add("read", t)
+                    y = tensor_bytes(plan, x, out=obuf[: k * row_nbytes(ggml_type, n)])
+                    clock.add("quantize", t)
+                    yield y
+            return pieces
+
+        for name, shape, ggml_type in tensors:
+            w.add_tensor(name, shape, ggml_type, produce(name, shape, ggml_type))
+        t0 = Clock.now()
+        w.write()
+        t1 = Clock.now()
+    clock.wall["write"] = t1[0] - t0[0] - clock.wall["read"] - clock.wall["quantize"]
+    clock.cpu["write"] = t1[1] - t0[1] - clock.cpu["read"] - clock.cpu["quantize"]
+    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "stage_seconds": clock.wall,
+            "stage_cpu_seconds": clock.cpu}
+
+
+def child_gguf_py(src: str, out: str, layout_of: str) -> dict:
+    """A converter built on gguf-py, writing the same tensors and metadata."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    from quant.ggml_types import tensor_nbytes
+
+    arch, meta, tensors = _file_layout(Path(layout_of))
+    clock = Clock()
+    t0 = Clock.now()
+    w = gguf.GGUFWriter(out, arch=arch)
+    for key, value, vtype, itype in meta:
+        w.add_key_value(key, value, gguf.GGUFValueType(int(vtype)), None if itype is None else gguf.GGUFValueType(int(itype)))
+    for name, shape, ggml_type in tensors:
+        w.add_tensor_info(name, shape, np.dtype(np.float32), tensor_nbytes(ggml_type, shape),
+                          raw_dtype=gguf.GGMLQuantizationType(int(ggml_type)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    t = clock.add("write", t0)
+    with safe_open(src, framework="pt") as f:
+        for name, shape, ggml_type in tensors:
+            x = f.get_tensor(name).to(torch.float32).numpy()
+            t = clock.add("read", t)  # read includes the float32 widening gguf-py needs
+            q = gguf.quants.quantize(x, gguf.GGMLQuantizationType(int(ggml_type)))
+            t = clock.add("quantize", t)
+            w.write_tensor_data(q)
+            t = clock.add("write", t)
+    for fout in w.fout:
+        fout.flush()
+        os.fsync(fout.fileno())
+    w.close()
+    t1 = clock.add("write", t)
+    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "stage_seconds": clock.wall,
+            "stage_cpu_seconds": clock.cpu}
+
+
+CHILDREN = {"ours": child_ours, "serial": child_serial, "gguf-py": child_gguf_py}
+
+
+def run_child(role: str, src: Path, *args: str) -> dict:
+    warm = warm_page_cache(src)
+    args = (str(src), *args)
+    report = Path(args[1] + ".json")
     load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), type_name, str(report)], check=True, cwd=REPO)
-    wall = time.perf_counter() - t0
+    subprocess.run([sys.executable, __file__, "--child", role, *args, str(report)], check=True, cwd=REPO)
     r = json.loads(report.read_text())
-    r.update(wall_seconds=wall, load_before=load_before, load_after=os.getloadavg()[0])
-    out.unlink()
     report.unlink()
+    r.update(load_before=load_before, load_after=os.getloadavg()[0], warm_up_cpu_s_per_gb=warm)
     return r
 
 
-def run_gguf_py(src: Path, names: list[str], type_name: str) -> dict:
-    """gguf-py's path on the given tensors: read, widen bf16 to float32, quantize."""
-    import gguf
-
-    qtype = gguf.GGMLQuantizationType[type_name.upper()]
-    nbytes, t0 = 0, time.perf_counter()
-    with SafetensorsFile(src) as f:
-        for n in names:
-            x = f.read(n)
-            nbytes += x.numel() * x.element_size()
-            gguf.quants.quantize(x.to(torch.float32).numpy(), qtype)
-    return {"seconds": time.perf_counter() - t0, "source_bytes": nbytes}
+def child_main(role: str, args: list[str]) -> None:
+    *rest, report = args
+    rss0 = int([ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:")][0].split()[1]) * 1024
+    r = CHILDREN[role](*rest)
+    r.update(rss_before_bytes=rss0, peak_rss_bytes=_peak_rss())
+    Path(report).write_text(json.dumps(r))
 
 
-def run_codec(src: Path, names: list[str], type_name: str) -> dict:
-    """Our codec alone on the same tensors (read excluded), for where the time goes."""
-    from quant import codecs
-    from quant.ggml_types import parse_type
-
-    t = parse_type(type_name)
-    tensors = []
-    with SafetensorsFile(src) as f:
-        tensors = [f.read(n) for n in names]
-    t0 = time.perf_counter()
-    for x in tensors:
-        codecs.quantize(x, t)
-    return {"seconds": time.perf_counter() - t0, "source_bytes": sum(x.numel() * 2 for x in tensors)}
-
-
-def run_read(src: Path) -> dict:
-    """Reading alone: every tensor into one reused buffer (as the converter reads)."""
-    nbytes, t0 = 0, time.perf_counter()
-    with SafetensorsFile(src) as f:
-        buf = torch.empty(max(e.nbytes for e in f.entries.values()), dtype=torch.uint8)
-        for n, e in f.entries.items():
-            f.read(n, buf)
-            nbytes += e.nbytes
-    return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
-
-
-def run_write(folder: Path, nbytes: int) -> dict:
-    """Writing alone: `nbytes` from a reused buffer into a new file, synced (as the
-    writer does), in the folder the converter writes to."""
-    chunk = torch.ones(64 << 20, dtype=torch.uint8).numpy()
-    path = folder / "write-test.bin"
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            left -= f.write(memoryview(chunk)[: min(left, len(chunk))])
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - t0
-    path.unlink()
-    return {"seconds": seconds, "bytes": nbytes}
-
+# ---- driver ----------------------------------------------------------------------------
 
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        return child_main(sys.argv[2], sys.argv[3:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", type=int, default=6, help="5120-wide blocks (703 MB each in bf16; 6 -> 4.7 GB)")
     ap.add_argument("--types", default="q8_0,q4_0")
-    ap.add_argument("--dir", default=None, help="folder for the temporary files (default: system temp)")
+    ap.add_argument("--dir", default=None, help="folder for the files (default: system temp); its file system matters")
+    ap.add_argument("--source", type=Path, default=None,
+                    help="keep the synthetic checkpoint at this path and reuse it when it is there")
+    ap.add_argument("--no-gguf-py", action="store_true", help="skip the gguf-py conversion (faster)")
     ap.add_argument("--out", default="bench-convert.json")
     args = ap.parse_args()
 
-    results = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "blocks": args.blocks, "runs": []}
+    shapes = wan_shapes(args.blocks)
+    largest = max(shapes, key=lambda n: torch.Size(shapes[n]).numel())
+    results = {"cpu_count": os.cpu_count(), "blocks": args.blocks, "largest_tensor": largest,
+               "largest_tensor_bytes": torch.Size(shapes[largest]).numel() * 2, "runs": []}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="wanrt-bench-") as tmp:
-        src = Path(tmp) / "wan_bf16.safetensors"
-        t0 = time.perf_counter()
-        shapes = make_checkpoint(src, args.blocks)
-        results["make_seconds"] = time.perf_counter() - t0
+        src = args.source or Path(tmp) / "wan_bf16.safetensors"
+        if not src.exists():
+            make_checkpoint(src, args.blocks)
+        elif _tensor_shapes(src) != shapes:
+            sys.exit(f"{src} is not the synthetic checkpoint of {args.blocks} blocks; remove it or pass --blocks")
         results["source_bytes"] = src.stat().st_size
-        largest = max(shapes, key=lambda n: torch.Size(shapes[n]).numel())
-        results["largest_tensor"] = largest
-        results["largest_tensor_bytes"] = torch.Size(shapes[largest]).numel() * 2
-        block0 = [n for n in shapes if n.startswith("blocks.0.")]
-        warm_page_cache(src)
-        read = run_read(src)
-        results["read_only"] = read
-        results["read_gb_per_s"] = read["bytes"] / read["seconds"] / 1e9
-
         for type_name in args.types.split(","):
-            ours = run_ours(src, Path(tmp) / f"out-{type_name}.gguf", type_name)
-            ref = run_gguf_py(src, block0, type_name)
-            codec = run_codec(src, block0, type_name)
-            write = run_write(Path(tmp), ours["output_bytes"])
-            ours_rate = ours["source_bytes"] / ours["seconds"]
-            ref_rate = ref["source_bytes"] / ref["seconds"]
-            results["runs"].append({
-                "type": type_name,
-                "ours": ours,
-                "ours_gb_per_s": ours_rate / 1e9,
-                "peak_rss_above_largest_gb": (ours["peak_rss_bytes"] - results["largest_tensor_bytes"]) / 1e9,
-                "gguf_py": ref,
-                "gguf_py_gb_per_s": ref_rate / 1e9,
-                "codec_only_gb_per_s": codec["source_bytes"] / codec["seconds"] / 1e9,
-                "write_only": write,
-                "write_gb_per_s": write["bytes"] / write["seconds"] / 1e9,
-                # the write stage in source bytes per second (how fast the source could go if writing were all)
-                "write_bound_source_gb_per_s": ours["source_bytes"] / write["seconds"] / 1e9,
-                "ratio_vs_gguf_py": ours_rate / ref_rate,
-                "codec_ratio_vs_gguf_py": codec["source_bytes"] / codec["seconds"] / ref_rate,
-            })
-
+            run = {"type": type_name}
+            ours = Path(tmp) / f"ours-{type_name}.gguf"
+            run["ours"] = run_child("ours", src, str(ours), type_name)
+            other = Path(tmp) / f"other-{type_name}.gguf"
+            roles = ["serial"] + ([] if args.no_gguf_py else ["gguf-py"])
+            for role in roles:
+                run[role] = run_child(role, src, str(other), str(ours))
+                run[role]["identical_to_ours"] = same_bytes(ours, other)
+                other.unlink()
+            ours.unlink()
+            results["runs"].append(run)
+    for run in results["runs"]:
+        summarize(run, results)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"\nsource: {results['source_bytes'] / 1e9:.2f} GB bf16, {args.blocks} blocks of width {DIM}; "
-          f"largest tensor {results['largest_tensor']} {results['largest_tensor_bytes'] / 1e9:.3f} GB; "
-          f"{results['cpu_count']} CPUs; reading alone {results['read_gb_per_s']:.2f} GB/s")
-    print("GB/s are source (bf16) bytes per second unless marked out; x = ratio to gguf-py's quantizer")
-    print(f"{'type':<5} {'seconds':>7} {'GB/s':>5} {'CPU s/GB':>8} {'peak RSS GB':>11} {'-largest':>8} {'codec':>6} "
-          f"{'write out':>9} {'write-bound':>11} {'gguf-py':>7} {'x ours':>6} {'x codec':>7} {'load':>9}")
-    for r in results["runs"]:
-        o = r["ours"]
-        cpu_per_gb = (o["user_seconds"] + o["system_seconds"]) / (o["source_bytes"] / 1e9)
-        print(f"{r['type']:<5} {o['seconds']:7.2f} {r['ours_gb_per_s']:5.2f} {cpu_per_gb:8.2f} "
-              f"{o['peak_rss_bytes'] / 1e9:11.2f} "
-              f"{r['peak_rss_above_largest_gb']:8.2f} {r['codec_only_gb_per_s']:6.2f} {r['write_gb_per_s']:9.2f} "
-              f"{r['write_bound_source_gb_per_s']:11.2f} {r['gguf_py_gb_per_s']:7.3f} {r['ratio_vs_gguf_py']:6.1f} "
-              f"{r['codec_ratio_vs_gguf_py']:7.1f} {o['load_before']:4.1f}/{o['load_after']:<4.1f}")
+    print_tables(results)
     print(f"wrote {args.out}")
+
+
+def summarize(run: dict, results: dict) -> None:
+    gb = run["ours"]["source_bytes"] / 1e9
+    for role in ("ours", "serial", "gguf-py"):
+        r = run.get(role)
+        if r is None:
+            continue
+        r["gb_per_s"] = gb / r["seconds"]
+        r["cpu_s_per_gb"] = r["cpu_seconds"] / gb
+        r["peak_rss_above_largest_gb"] = (r["peak_rss_bytes"] - results["largest_tensor_bytes"]) / 1e9
+        if "stage_cpu_seconds" in r:
+            r["stage_cpu_s_per_gb"] = {s: v / gb for s, v in r["stage_cpu_seconds"].items()}
+            r["stage_gb_per_s"] = {s: gb / v if v > 0 else None for s, v in r["stage_seconds"].items()}
+    ref = run.get("gguf-py")
+    if ref is not None:
+        q_ours, q_ref = run["serial"], ref
+        run["x_quantizer_wall"] = q_ref["stage_seconds"]["quantize"] / q_ours["stage_seconds"]["quantize"]
+        run["x_quantizer_cpu"] = q_ref["stage_cpu_seconds"]["quantize"] / q_ours["stage_cpu_seconds"]["quantize"]
+        run["x_end_to_end_wall"] = ref["seconds"] / run["ours"]["seconds"]
+        run["x_end_to_end_cpu"] = ref["cpu_seconds"] / run["ours"]["cpu_seconds"]
+
+
+def print_tables(results: dict) -> None:
+    print(f"\nsource: {results['source_bytes'] / 1e9:.2f} GB bf16 in the page cache, {results['blocks']} blocks of "
+          f"width {DIM}; largest tensor {results['largest_tensor']} {results['largest_tensor_bytes'] / 1e9:.3f} GB; "
+          f"{results['cpu_count']} CPUs")
+    print("CPU s/GB: user+system seconds of all threads per GB of bf16 source (load-independent); "
+          "GB/s: source GB per wall second; load: 1-min load average before/after")
+    print(f"{'type':<5} {'run':<8} {'read':>6} {'quant':>6} {'write':>6} {'total':>6} {'wall s':>7} {'GB/s':>5} "
+          f"{'RSS-largest':>11} {'load':>9} {'same':>4}")
+    for run in results["runs"]:
+        for role in ("ours", "serial", "gguf-py"):
+            r = run.get(role)
+            if r is None:
+                continue
+            st = r.get("stage_cpu_s_per_gb", {})
+            cells = " ".join(f"{st[s]:6.2f}" if s in st else f"{'-':>6}" for s in STAGES)
+            same = "" if role == "ours" else ("yes" if r["identical_to_ours"] else "NO")
+            print(f"{run['type']:<5} {role:<8} {cells} {r['cpu_s_per_gb']:6.2f} {r['seconds']:7.2f} {r['gb_per_s']:5.2f} "
+                  f"{r['peak_rss_above_largest_gb']:8.2f} GB {r['load_before']:4.1f}/{r['load_after']:<4.1f} {same:>4}")
+    if any("x_quantizer_wall" in run for run in results["runs"]):
+        print("ours vs gguf-py, same tensors, same run (x = how many times faster; wall, and CPU seconds):")
+        print("  quantizer only: bf16 tensor in memory -> blocks in memory (theirs: float32 widening + gguf.quants)")
+        print("  end to end: safetensors in the page cache -> synced GGUF (ours pipelined; theirs safe_open + "
+              "gguf.GGUFWriter)")
+        print(f"{'type':<5} {'quantizer wall':>14} {'quantizer CPU':>13} {'e2e wall':>9} {'e2e CPU':>8}")
+        for run in results["runs"]:
+            if "x_quantizer_wall" in run:
+                print(f"{run['type']:<5} {run['x_quantizer_wall']:13.1f}x {run['x_quantizer_cpu']:12.1f}x "
+                      f"{run['x_end_to_end_wall']:8.1f}x {run['x_end_to_end_cpu']:7.1f}x")
 
 
 if __name__ == "__main__":

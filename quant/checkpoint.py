@@ -165,6 +165,17 @@ class Checkpoint:
         info = self.info(name)
         return self._stores[name].read(info.source_name, buffer)
 
+    def byte_reader(self, name: str):
+        """For a tensor stored as plain bytes in a file (safetensors), a function
+        `read(start, out, threads=None)` that copies its stored bytes [start, start +
+        out.nbytes) into the CPU tensor `out`, to read a large tensor in pieces; None
+        for formats that hand out whole tensors."""
+        store = self._stores[self.info(name).name]
+        if not isinstance(store, _SafetensorsStore):
+            return None
+        raw = self.info(name).source_name
+        return lambda start, out, threads=None: store.file.read_range(raw, start, out, threads=threads)
+
     def describe(self) -> str:
         what = wan_names.KIND_DESCRIPTIONS[self.kind]
         return f"{self.format} checkpoint with {len(self._infos)} tensors in {self.naming} naming: {what}"

@@ -17,9 +17,11 @@ low_noise, from the source's path or `--expert`) and `wan.attention.head_count` 
 config.json or `--num-heads`; inferred from the width only for official Wan widths,
 and said so). Without the extras the output is byte-identical to city96's route.
 
-Memory stays near one tensor: tensors are read one at a time (the next one is read and
-quantized while the current one is written) and streamed into the file, which is
-written to a temporary name beside OUT and renamed when complete.
+Memory stays near a few pieces of ~16 MB: tensors are read, quantized and written in
+pieces of whole rows, the three at once on separate threads (`convert_pipeline`),
+into a file written past the page cache to a temporary name beside OUT and renamed
+when complete (`atomic_file`). Sources that hand out whole tensors (GGUF, .pth, a
+LoRA being merged) hold one tensor more.
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,7 +37,8 @@ import torch
 
 from . import codecs
 from .checkpoint import EXPERTS, Checkpoint, CheckpointError, open_checkpoint
-from .ggml_types import FLOAT_TYPES, LEGACY_QUANTS, GGMLType, parse_type, row_nbytes, tensor_nbytes
+from .convert_pipeline import TensorStream
+from .ggml_types import FLOAT_TYPES, LEGACY_QUANTS, GGMLType, parse_type, row_nbytes
 from .gguf_writer import GGUFWriter
 from .packed import PackedTensor
 from .safetensors_io import TensorToWrite, write_safetensors
@@ -110,10 +112,21 @@ def convert(source, out: str | Path, options: ConvertOptions) -> ConvertResult:
         for key, (value, vtype) in metadata.items():
             writer.add_metadata(key, value, vtype)
         source_bytes = sum(ckpt.info(p.name).nbytes for p in plans)
-        with _TensorFeed(ckpt, plans, options, source_bytes, out.name) as feed:
-            for plan in plans:
-                writer.add_tensor(plan.name, plan.shape, plan.ggml_type, feed.producer(plan))
-            writer.write()
+        bar = None
+        if options.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=source_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                       desc=f"converting -> {out.name}", dynamic_ncols=True)
+        try:
+            with _stream(ckpt, plans, options) as stream:
+                stream.progress = bar.update if bar is not None else None
+                for plan in plans:
+                    writer.add_tensor(plan.name, plan.shape, plan.ggml_type, stream.producer(plan))
+                writer.write()
+        finally:
+            if bar is not None:
+                bar.close()
     seconds = time.perf_counter() - t0
     return ConvertResult(out, plans, metadata, source_bytes, out.stat().st_size, seconds, notes)
 
@@ -174,72 +187,30 @@ def _head_count(ckpt: Checkpoint, options: ConvertOptions, notes: list[str]) -> 
     return None
 
 
-class _TensorFeed:
-    """Makes each tensor's bytes on demand. While the writer writes tensor i, a
-    background thread already reads and quantizes tensor i+1 (file I/O and the native
-    codec release the GIL), so reading, quantizing and writing overlap.
+def _stream(ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions) -> TensorStream:
+    """The pipeline that reads, encodes and hands each tensor to the writer in pieces."""
+    hooks = options.weight_hooks
+    # Reading and writing take about a core between them; the codec gets the others.
+    threads = options.threads or max(1, (os.cpu_count() or 1) - 1)
 
-    Memory is reused: tensor i is read into, and encoded into, the buffers of slot
-    i % 2. Fresh memory costs a page fault and a zeroed page per 4 KiB, which on a
-    busy machine is slower than the conversion itself. Slot reuse is safe because
-    tensor i+2 is only started from the writer's request for tensor i+1, after the
-    bytes of tensor i were written."""
+    def read_whole(plan: TensorPlan) -> torch.Tensor:
+        return _apply_hooks(plan.name, _as_float(ckpt.load(plan.name), threads), hooks)
 
-    def __init__(self, ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions, total: int, label: str):
-        self.ckpt, self.plans, self.options = ckpt, plans, options
-        self.order = {p.name: i for i, p in enumerate(plans)}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-ahead")
-        self.pending: dict[int, Future] = {}
-        self.read_size = max((ckpt.info(p.name).nbytes for p in plans), default=0)
-        self.out_size = max((tensor_nbytes(p.ggml_type, p.shape) for p in plans), default=0)
-        self.buffers: dict[tuple[str, int], torch.Tensor] = {}
-        # The writer keeps one core busy copying into the page cache; the codec gets the rest.
-        self.threads = options.threads or max(1, (os.cpu_count() or 1) - 1)
-        self.bar = None
-        if options.progress:
-            from tqdm import tqdm
+    def byte_reader(plan: TensorPlan):
+        if hooks or ckpt.info(plan.name).dtype not in _TORCH_FLOATS.values():
+            return None
+        return ckpt.byte_reader(plan.name)
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"converting -> {label}",
-                            dynamic_ncols=True)
+    def encode(plan: TensorPlan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return tensor_bytes(plan, x, threads=threads, out=out)
 
-    def producer(self, plan: TensorPlan) -> Callable[[], torch.Tensor]:
-        return lambda: self._produce(self.order[plan.name])
-
-    def _buffer(self, role: str, slot: int, size: int) -> torch.Tensor:
-        key = (role, slot)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(size, dtype=torch.uint8)
-        return self.buffers[key]
-
-    def _make(self, i: int) -> torch.Tensor:
-        plan, slot = self.plans[i], i % 2
-        x = self.ckpt.load(plan.name, buffer=self._buffer("read", slot, self.read_size))
-        out = self._buffer("out", slot, self.out_size)
-        return tensor_bytes(plan, x, hooks=self.options.weight_hooks, threads=self.threads, out=out)
-
-    def _produce(self, i: int) -> torch.Tensor:
-        fut = self.pending.pop(i, None) or self.pool.submit(self._make, i)
-        data = fut.result()
-        if i + 1 < len(self.plans):
-            self.pending[i + 1] = self.pool.submit(self._make, i + 1)
-        if self.bar is not None:
-            self.bar.update(self.ckpt.info(self.plans[i].name).nbytes)
-        return data
-
-    def __enter__(self) -> "_TensorFeed":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for fut in self.pending.values():
-            fut.cancel()
-        self.pool.shutdown(wait=True)
-        if self.bar is not None:
-            self.bar.close()
+    return TensorStream(plans, read_whole=read_whole, byte_reader=byte_reader, encode=encode,
+                        source_nbytes=lambda p: ckpt.info(p.name).nbytes,
+                        source_dtype=lambda p: ckpt.info(p.name).dtype)
 
 
-# Input bytes per codec call. The small per-call outputs are freed and reallocated
-# from the heap instead of fresh mmapped (page-faulting) memory; the pthread start per
-# call is ~1% of the work.
+# Input bytes per codec call on the route through a float base: each chunk is rounded
+# into a scratch buffer of this size, reused, then quantized.
 _CHUNK_BYTES = 8 << 20
 
 _TORCH_FLOATS = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
@@ -250,35 +221,43 @@ def tensor_bytes(plan: TensorPlan, x, *, hooks: Sequence[WeightHook] = (), threa
     """The stored form of one tensor under its plan: uint8 blocks for a block type, a
     float tensor for F32/F16/BF16 (identical to gguf-py's conversion of the same data).
     `out`, a uint8 buffer of at least the stored size, is used instead of new memory."""
-    x = _as_float(x, threads)
-    if hooks:
-        x = x.to(torch.float32)
-        for hook in hooks:
-            y = hook(plan.name, x)
-            if tuple(y.shape) != tuple(x.shape):
-                raise ConvertError(f"{plan.name}: a weight hook changed the shape {list(x.shape)} -> {list(y.shape)}")
-            x = y
+    x = _apply_hooks(plan.name, _as_float(x, threads), hooks)
     if plan.ggml_type in LEGACY_QUANTS:
         return _quantize(x, plan.ggml_type, plan.round_via, threads, out)
     return cast_float(x, plan.ggml_type, out=out)
 
 
+def _apply_hooks(name: str, x: torch.Tensor, hooks: Sequence[WeightHook]) -> torch.Tensor:
+    if hooks:
+        x = x.to(torch.float32)
+        for hook in hooks:
+            y = hook(name, x)
+            if tuple(y.shape) != tuple(x.shape):
+                raise ConvertError(f"{name}: a weight hook changed the shape {list(x.shape)} -> {list(y.shape)}")
+            x = y
+    return x
+
+
 def _quantize(x: torch.Tensor, ggml_type: GGMLType, round_via: GGMLType | None, threads: int | None,
               out: torch.Tensor | None) -> torch.Tensor:
-    """Quantize row chunks into one byte tensor; with `round_via`, each chunk is first
-    rounded to that float type (city96's route reads an F16/BF16 base)."""
+    """Quantize into one byte tensor (`out` when given), in one codec call, or with
+    `round_via` chunk by chunk, each chunk first rounded to that float type (city96's
+    route reads an F16/BF16 base)."""
     n = x.shape[-1]
     rows = x.reshape(-1, n)
     row_bytes = row_nbytes(ggml_type, n)
     nbytes = rows.shape[0] * row_bytes
     dst = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
     dst2 = dst.view(rows.shape[0], row_bytes)
-    step = max(1, _CHUNK_BYTES // (n * x.element_size()))
+    if round_via is None:
+        codecs.quantize(rows, ggml_type, threads=threads, out=dst2)
+        return dst
+    itemsize = _TORCH_FLOATS[round_via].itemsize
+    step = max(1, _CHUNK_BYTES // (n * itemsize))
+    scratch = torch.empty(min(step, rows.shape[0]) * n * itemsize, dtype=torch.uint8)
     for r in range(0, rows.shape[0], step):
-        chunk = rows[r : r + step]
-        if round_via is not None:
-            chunk = cast_float(chunk, round_via)
-        dst2[r : r + step] = codecs.quantize(chunk, ggml_type, threads=threads)
+        chunk = cast_float(rows[r : r + step], round_via, out=scratch)
+        codecs.quantize(chunk, ggml_type, threads=threads, out=dst2[r : r + step])
     return dst
 
 

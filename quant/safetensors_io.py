@@ -135,6 +135,21 @@ class SafetensorsFile:
                 raise SafetensorsError(f"{self.path}: tensor {name!r}: {err}") from None
         return out
 
+    def read_range(self, name: str, start: int, out: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
+        """Copy the stored bytes [start, start + out.nbytes) of tensor `name` into `out`
+        (a contiguous CPU tensor of any dtype), to read a large tensor in pieces.
+        `threads`: reader threads (None: every CPU)."""
+        e = self.entries[name]
+        nbytes = out.numel() * out.element_size()
+        if start < 0 or start + nbytes > e.nbytes:
+            raise ValueError(f"{name!r}: bytes [{start}, {start + nbytes}) lie outside its {e.nbytes} bytes")
+        if nbytes:
+            try:
+                read_into(self._fd, e.offset + start, out, threads=threads)
+            except ShortReadError as err:
+                raise SafetensorsError(f"{self.path}: tensor {name!r}: {err}") from None
+        return out
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
