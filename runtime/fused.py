@@ -16,8 +16,8 @@ dense, on one CUDA device, in a dtype it takes (float32 or bfloat16; the modulat
 and norm vectors float32), and its torch twin otherwise: the reference, the code the
 block ran before the kernels. Kernel and twin do the same operations in the same
 precision with the same roundings; they differ where a float32 sum over a row is added
-up in another order and a last bit moves, which a bf16 rounding then carries into about
-2 values in 10^5 (one bf16 step), and in the gated add, where the kernel rounds y·gate
+up in another order and a last bit moves, which a bf16 rounding then carries into at
+most 4 values in 10^5 (one bf16 step), and in the gated add, where the kernel rounds y·gate
 before adding as the official `x + y * gate` does and torch's addcmul_ rounds once
 (15% of the float32 results one ulp apart).
 
