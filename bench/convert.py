@@ -179,6 +179,7 @@ def child_ours(src: str, out: str, type_name: str) -> dict:
 def child_serial(src: str, out: str, layout_of: str) -> dict:
     """Our pieces one stage at a time, in one thread: read a piece of rows, quantize
     it, write it, next (the same piece size, reader, encoder and writer as convert)."""
+    from quant.atomic_file import ALIGN, in_place_skip
     from quant.checkpoint import open_checkpoint
     from quant.convert import tensor_bytes
     from quant.convert_pipeline import PIECE_ELEMENTS
@@ -190,7 +191,7 @@ def child_serial(src: str, out: str, layout_of: str) -> dict:
     clock = Clock()
     with open_checkpoint(src) as ckpt:
         rbuf = torch.empty(PIECE_ELEMENTS * 2, dtype=torch.uint8)
-        obuf = torch.empty(PIECE_ELEMENTS * 4, dtype=torch.uint8)
+        obuf = torch.empty(PIECE_ELEMENTS * 4 + ALIGN, dtype=torch.uint8)
         w = GGUFWriter(out, arch=arch, overwrite=True)
         for key, value, vtype, itype in meta:
             w.add_metadata(key, value, vtype, item_type=itype)
@@ -209,13 +210,16 @@ def child_serial(src: str, out: str, layout_of: str) -> dict:
                     t = Clock.now()
                     x = read(r * n * dtype.itemsize, rbuf[: k * n * dtype.itemsize], threads=1).view(dtype).view(k, n)
                     t = clock.add("read", t)
-                    y = tensor_bytes(plan, x, out=obuf[: k * row_nbytes(ggml_type, n)])
+                    at = offsets[name] + r * row_nbytes(ggml_type, n)  # placed to be written without a copy
+                    skip = in_place_skip(obuf.data_ptr(), at)
+                    y = tensor_bytes(plan, x, out=obuf[skip : skip + k * row_nbytes(ggml_type, n)])
                     clock.add("quantize", t)
                     yield y
             return pieces
 
         for name, shape, ggml_type in tensors:
             w.add_tensor(name, shape, ggml_type, produce(name, shape, ggml_type))
+        offsets = w.tensor_offsets()
         t0 = Clock.now()
         w.write()
         t1 = Clock.now()

@@ -25,11 +25,15 @@ import os
 import secrets
 from pathlib import Path
 
+import numpy as np
+
 # Direct I/O needs buffer address, file offset and length aligned to the device's
 # logical block (512 or 4096 bytes); a page satisfies both.
 ALIGN = mmap.PAGESIZE
 # Bytes per write: large enough that the disk streams, small enough to stay in cache.
 CHUNK_BYTES = 8 << 20
+# Smaller pieces are copied into the staging buffer even when they could be written in place.
+ZERO_COPY_MIN = 256 << 10
 # Buffered fallback: a written chunk is dropped from the cache this many chunks later
 # (by then its writeback has finished).
 _DROP_LAG = 4
@@ -55,7 +59,7 @@ class AtomicFile:
         self._buf = mmap.mmap(-1, chunk_bytes)  # page-aligned, as direct I/O needs
         self._view = memoryview(self._buf)
         self._fill = 0  # bytes staged in the buffer
-        self._base = 0  # file offset of the buffer's first byte (a multiple of the chunk size)
+        self._base = 0  # file offset of the buffer's first byte (a multiple of ALIGN)
         self._closed = False
         self._committed = False
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -77,22 +81,25 @@ class AtomicFile:
         return self._base + self._fill
 
     def write(self, data) -> None:
-        """Append a bytes-like object (anything with the buffer protocol, contiguous)."""
+        """Append a bytes-like object (anything with the buffer protocol, contiguous).
+        With direct I/O, a large piece that lies in memory at the file position's
+        offset within a block (address % ALIGN == position % ALIGN) is written from
+        where it is, without a copy (`in_place_skip` says where a producer should put it)."""
         src = memoryview(data)
         if not src.c_contiguous:
             raise ValueError("AtomicFile.write needs contiguous memory")
         src = src.cast("B")
-        size = len(self._view)
-        at = 0
-        while at < len(src):
-            n = min(size - self._fill, len(src) - at)
-            self._view[self._fill : self._fill + n] = src[at : at + n]
-            self._fill += n
-            at += n
-            if self._fill == size:
-                self._write_out(size)
-                self._base += size
+        if self.direct and len(src) >= ZERO_COPY_MIN and (_address(src) - self.position) % ALIGN == 0:
+            head = -self.position % ALIGN
+            self._stage(src[:head])
+            if self._fill:  # the staged bytes now end on a block boundary
+                self._write_out(self._fill)
+                self._base += self._fill
                 self._fill = 0
+            body = (len(src) - head) // ALIGN * ALIGN
+            self._write_from(src[head : head + body])
+            src = src[head + body :]
+        self._stage(src)
 
     def write_zeros(self, n: int) -> None:
         """Append n zero bytes (padding)."""
@@ -163,6 +170,30 @@ class AtomicFile:
             if old >= 0:
                 os.posix_fadvise(self._fd, old, len(self._view), os.POSIX_FADV_DONTNEED)
 
+    def _stage(self, src: memoryview) -> None:
+        size = len(self._view)
+        at = 0
+        while at < len(src):
+            n = min(size - self._fill, len(src) - at)
+            self._view[self._fill : self._fill + n] = src[at : at + n]
+            self._fill += n
+            at += n
+            if self._fill == size:
+                self._write_out(size)
+                self._base += size
+                self._fill = 0
+
+    def _write_from(self, view: memoryview) -> None:
+        """Write the caller's aligned bytes at the (aligned, empty) buffer's offset."""
+        try:
+            self._pwrite_all(view, self._base)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._go_buffered()
+            self._pwrite_all(view, self._base)
+        self._base += len(view)
+
     def _pwrite_all(self, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
@@ -179,3 +210,13 @@ class AtomicFile:
             self._view.release()
             self._buf.close()
             self._buf = None
+
+
+def in_place_skip(address: int, position: int) -> int:
+    """Bytes to skip from a buffer at `address` so that a piece put there and written at
+    file offset `position` is written from where it lies, without a copy."""
+    return (position - address) % ALIGN
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0

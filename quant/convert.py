@@ -123,6 +123,7 @@ def convert(source, out: str | Path, options: ConvertOptions) -> ConvertResult:
                 stream.progress = bar.update if bar is not None else None
                 for plan in plans:
                     writer.add_tensor(plan.name, plan.shape, plan.ggml_type, stream.producer(plan))
+                stream.place_for(writer.tensor_offsets())
                 writer.write()
         finally:
             if bar is not None:

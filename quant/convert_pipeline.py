@@ -8,7 +8,8 @@
 A piece is a run of whole rows of one tensor (rows are what block quantization works
 on). While the writer writes piece k, one thread encodes piece k+1 and another reads
 piece k+2 (file I/O and the native codec release the GIL, so the three run on
-separate cores). Pieces move through a few reused buffers of ~16 MB: fresh memory
+separate cores). Given the tensors' file offsets, each piece is encoded at the
+address the file can write it from without a copy (`atomic_file`). Pieces move through a few reused buffers of ~16 MB: fresh memory
 costs a page fault and a zeroed page per 4 KiB, which on a busy or virtualized
 machine costs more than converting the bytes, and small buffers keep memory near
 nothing beyond what the writer holds.
@@ -26,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .atomic_file import ALIGN, in_place_skip
 from .ggml_types import row_nbytes
 from .type_policy import TensorPlan
 
@@ -43,6 +45,7 @@ class _Piece:
     index: int  # the tensor's position in the plans
     last: bool  # the tensor's last piece
     source_bytes: int  # share of the tensor's stored bytes, for progress
+    first_row: int
     slot: int  # read slot (holding x when read from the file; a token bounding the work ahead otherwise)
     from_file: bool
     x: torch.Tensor | None  # rows to encode
@@ -89,7 +92,8 @@ class TensorStream:
                 read_size = max(read_size, rows * n * self.dtypes[i].itemsize)
             out_size = max(out_size, rows * row_nbytes(plan.ggml_type, n))
         self.read_buffers = [_LazyBuffer(read_size) for _ in range(SLOTS)]
-        self.out_buffers = [_LazyBuffer(out_size) for _ in range(SLOTS)]
+        self.out_buffers = [_LazyBuffer(out_size + ALIGN) for _ in range(SLOTS)]
+        self.file_offsets: list[int] | None = None
         self.free_reads: queue.SimpleQueue = queue.SimpleQueue()
         self.free_outs: queue.SimpleQueue = queue.SimpleQueue()
         for s in range(SLOTS):
@@ -103,6 +107,12 @@ class TensorStream:
     def producer(self, plan: TensorPlan) -> Callable[[], Iterator[torch.Tensor]]:
         i = self.order[plan.name]
         return lambda: self._pieces_of(i)
+
+    def place_for(self, offsets: dict[str, int]) -> None:
+        """Where each tensor starts in the output file (`GGUFWriter.tensor_offsets()`):
+        pieces are then encoded at the same offset within a disk block as in the
+        file, which lets the file write them without copying them first."""
+        self.file_offsets = [offsets[p.name] for p in self.plans]
 
     # -- writer side -------------------------------------------------------------------
 
@@ -169,7 +179,7 @@ class TensorStream:
             else:
                 piece_x = x[r : r + k]
             share = total * (r + k) // rows - total * r // rows if rows else total
-            self.to_encode.put(_Piece(i, r + k >= rows, share, slot, reader is not None, piece_x))
+            self.to_encode.put(_Piece(i, r + k >= rows, share, r, slot, reader is not None, piece_x))
         return True
 
     # -- encoding ------------------------------------------------------------------------
@@ -185,8 +195,12 @@ class TensorStream:
             out_slot = self._take(self.free_outs)
             if out_slot is None:
                 return
+            plan = self.plans[piece.index]
             out = self.out_buffers[out_slot].get(None)
-            data = self.encode(self.plans[piece.index], piece.x, out)
+            if self.file_offsets is not None:
+                position = self.file_offsets[piece.index] + piece.first_row * row_nbytes(plan.ggml_type, _row_length(plan))
+                out = out[in_place_skip(out.data_ptr(), position) :]
+            data = self.encode(plan, piece.x, out)
             if piece.from_file and _shares_memory(data, piece.x):
                 # kept as stored (a bf16 tensor written as BF16): its read slot is reused next
                 data = out[: data.numel() * data.element_size()].copy_(data.reshape(-1).view(torch.uint8))

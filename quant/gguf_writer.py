@@ -164,6 +164,16 @@ class GGUFWriter:
         """Size of the file `write()` will produce."""
         return len(self._header()) + sum(align_up(t.nbytes, self.alignment) for t in self._tensors.values())
 
+    def tensor_offsets(self) -> dict[str, int]:
+        """File offset of each declared tensor's first byte, as `write()` will lay them
+        out (valid once every tensor and metadata pair is declared)."""
+        offset = len(self._header())
+        out = {}
+        for t in self._tensors.values():
+            out[t.name] = offset
+            offset += align_up(t.nbytes, self.alignment)
+        return out
+
     def write(self, progress: bool | Callable[[str, int], None] | None = None) -> Path:
         """Write the file; `progress=True` shows a tqdm bar over the bytes, a callable
         is called as `progress(tensor_name, nbytes)` after each tensor."""

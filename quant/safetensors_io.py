@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .atomic_file import AtomicFile
 from .fileio import ShortReadError, read_into
 
 DTYPES: dict[str, torch.dtype] = {
@@ -186,7 +187,8 @@ def write_safetensors(
 ) -> None:
     """Stream tensors into `path`, one in memory at a time: the header is laid out from
     the declared shapes, each `produce()` result is checked against its declaration and
-    written. The file appears under its name only when complete."""
+    written (past the page cache, `atomic_file`). The file appears under its name only
+    when complete."""
     path = Path(path)
     tensors = list(tensors)
     if path.exists() and not overwrite:
@@ -205,25 +207,17 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for t in tensors:
-                x = t.produce()
-                if x.dtype != t.dtype or tuple(x.shape) != tuple(t.shape):
-                    raise ValueError(
-                        f"{t.name}: produced {x.dtype} {list(x.shape)}, declared {t.dtype} {list(t.shape)}"
-                    )
-                x = x.contiguous()
-                if x.numel():
-                    f.write(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
-                if on_tensor is not None:
-                    on_tensor(t)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with AtomicFile(path, overwrite=overwrite) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors:
+            x = t.produce()
+            if x.dtype != t.dtype or tuple(x.shape) != tuple(t.shape):
+                raise ValueError(f"{t.name}: produced {x.dtype} {list(x.shape)}, declared {t.dtype} {list(t.shape)}")
+            x = x.contiguous()
+            if x.numel():
+                f.write(x.reshape(-1).view(torch.uint8).numpy())
+            del x
+            if on_tensor is not None:
+                on_tensor(t)
+        f.commit()
