@@ -8,12 +8,14 @@
 The bytes go to the disk without piling up in the page cache. A file written through
 the cache leaves gigabytes of dirty pages for the kernel to find memory for, copy and
 write back; on a small machine that costs more CPU than quantizing the weights. So
-where the file system takes O_DIRECT (ext4, xfs, btrfs...) the bytes are gathered in
-a page-aligned staging buffer and written from it in aligned chunks: the disk reads
-them straight from that buffer. Where it does not (tmpfs, many network and FUSE file
-systems, macOS) the chunks are written through the cache, each handed to writeback
-as soon as it is written and dropped from the cache once clean (posix_fadvise), so
-dirty pages still never pile up. The file ends up the same either way.
+where the file system takes O_DIRECT (ext4, xfs, btrfs...) the disk reads the bytes
+straight from memory: large pieces from where they lie when the producer put them at
+the file position's offset within a block (`in_place_skip`), everything else through
+a page-aligned staging buffer written in aligned chunks. Where it does not (tmpfs,
+many network and FUSE file systems, macOS) the chunks are written through the cache,
+each handed to writeback as soon as it is written and dropped from the cache once
+clean (posix_fadvise), so dirty pages still never pile up. The file ends up the same
+either way.
 
 On any error, Ctrl-C included, before `commit()` the temporary file is removed.
 """
@@ -30,7 +32,7 @@ import numpy as np
 # Direct I/O needs buffer address, file offset and length aligned to the device's
 # logical block (512 or 4096 bytes); a page satisfies both.
 ALIGN = mmap.PAGESIZE
-# Bytes per write: large enough that the disk streams, small enough to stay in cache.
+# Staging buffer: large enough that the disk streams, small enough to stay in cache.
 CHUNK_BYTES = 8 << 20
 # Smaller pieces are copied into the staging buffer even when they could be written in place.
 ZERO_COPY_MIN = 256 << 10
@@ -197,7 +199,10 @@ class AtomicFile:
     def _pwrite_all(self, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+            n = _pwrite(self._fd, view[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"cannot write {self.tmp}: the write made no progress")
+            done += n
 
     def _go_buffered(self) -> None:
         import fcntl
@@ -216,6 +221,13 @@ def in_place_skip(address: int, position: int) -> int:
     """Bytes to skip from a buffer at `address` so that a piece put there and written at
     file offset `position` is written from where it lies, without a copy."""
     return (position - address) % ALIGN
+
+
+def _pwrite(fd: int, view: memoryview, offset: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, view, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows: no pwrite
+    return os.write(fd, view)
 
 
 def _address(view: memoryview) -> int:

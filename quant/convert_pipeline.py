@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from .atomic_file import ALIGN, in_place_skip
-from .ggml_types import row_nbytes
+from .ggml_types import GGMLType, row_nbytes
 from .type_policy import TensorPlan
 
 # Elements per piece: 16 MB of bf16. Per-piece costs (a pread, a codec call, a few
@@ -59,6 +59,7 @@ class _Failure:
 
 
 _STOP = object()
+_TORCH_ITEMSIZE = {GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2}
 
 
 class TensorStream:
@@ -199,7 +200,9 @@ class TensorStream:
             out = self.out_buffers[out_slot].get(None)
             if self.file_offsets is not None:
                 position = self.file_offsets[piece.index] + piece.first_row * row_nbytes(plan.ggml_type, _row_length(plan))
-                out = out[in_place_skip(out.data_ptr(), position) :]
+                skip = in_place_skip(out.data_ptr(), position)
+                if skip % _TORCH_ITEMSIZE.get(plan.ggml_type, 1) == 0:  # floats need aligned elements
+                    out = out[skip:]
             data = self.encode(plan, piece.x, out)
             if piece.from_file and _shares_memory(data, piece.x):
                 # kept as stored (a bf16 tensor written as BF16): its read slot is reused next

@@ -201,3 +201,24 @@ def test_expert_from_path(tmp_path):
     assert expert_from_path(tmp_path / "Wan2.2-I2V-A14B-LowNoise-Q4_0.gguf") == "low_noise"
     assert expert_from_path(tmp_path / "wan2.2_i2v_high_noise_14B_Q4_K_M.gguf") == "high_noise"
     assert expert_from_path(tmp_path / "model.safetensors") is None
+
+
+@pytest.mark.golden
+def test_byte_reader_reads_stored_bytes_in_pieces(tiny, golden):
+    """Safetensors tensors (also under ComfyUI and diffusers names) can be read in
+    pieces that add up to load(); formats that hand out whole tensors have no reader."""
+    for src in (tiny / "wan_tiny.safetensors", tiny / "wan_tiny_comfy_bf16.safetensors",
+                golden / "gguf/diffusers/diffusers_weights.safetensors"):
+        with open_checkpoint(src) as c:
+            for n in c.names():
+                whole = c.load(n).contiguous().reshape(-1).view(torch.uint8)
+                read = c.byte_reader(n)
+                got = torch.empty_like(whole)
+                cut = whole.numel() // 3
+                read(0, got[:cut])
+                read(cut, got[cut:], threads=1)
+                assert torch.equal(got, whole), (src.name, n)
+            with pytest.raises(ValueError, match="outside"):
+                c.byte_reader(n)(1, torch.empty(whole.numel(), dtype=torch.uint8))
+    with open_checkpoint(tiny / "wan_tiny-F16.gguf") as c:
+        assert all(c.byte_reader(n) is None for n in c.names())

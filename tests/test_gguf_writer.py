@@ -264,3 +264,36 @@ def test_refuses_to_overwrite(tmp_path):
         w.write()
     assert late.read_bytes() == b"someone else's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf", "late.gguf"]
+
+
+def test_pieces_write_the_same_file_as_whole_tensors(tmp_path):
+    """A producer may yield consecutive pieces (a generator); the file is the same, and
+    tensor_offsets() says where each tensor's bytes start."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {f"t{i}": torch.randn(7, 64, generator=gen) for i in range(3)}
+    files = {}
+    for how in ("whole", "pieces"):
+        path = tmp_path / f"{how}.gguf"
+        w = GGUFWriter(path, arch="wan")
+        for name, x in tensors.items():
+            if how == "whole":
+                w.add_tensor(name, x.shape, GGMLType.F32, lambda x=x: x)
+            else:
+                w.add_tensor(name, x.shape, GGMLType.F32, lambda x=x: (x[r : r + 3] for r in range(0, 7, 3)))
+        offsets = w.tensor_offsets()
+        w.write()
+        files[how] = path.read_bytes()
+        with GGUFFile(path) as f:
+            assert offsets == {n: t.offset for n, t in f.tensors.items()}
+            for name, x in tensors.items():
+                assert torch.equal(f.load(name), x)
+    assert files["pieces"] == files["whole"]
+
+
+@pytest.mark.parametrize("pieces", [[4, 4, 4], [4, 3]], ids=["too many bytes", "too few bytes"])
+def test_pieces_of_the_wrong_total_size_leave_nothing(tmp_path, pieces):
+    w = GGUFWriter(tmp_path / "bad.gguf", arch="wan")
+    w.add_tensor("a", (8,), GGMLType.F32, lambda: (np.zeros(n, np.float32) for n in pieces))
+    with pytest.raises(ValueError, match=r"tensor 'a': produce\(\) returned .* bytes, but a F32 tensor of shape \[8\] takes 32"):
+        w.write()
+    assert list(tmp_path.iterdir()) == []
