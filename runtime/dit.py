@@ -13,11 +13,15 @@ Conv3d and attention run in bfloat16 while the sinusoid (float64), time embeddin
 modulation, every norm, rope (float64), the gated residual updates (float32 residual
 stream) and the whole head stay float32, as under the official bf16 autocast.
 
-Memory is kept lean without changing a number: the official code computes the time
+Memory is kept lean without changing a number. The official code computes the time
 embedding per token ([B, L, 6, dim] float32, 4 GB at 480p); here it is computed once per
-distinct timestep and applied to the runs of tokens that share it. Norms and rope work
-over token chunks, residual updates are in place, and the FFN (and attention, by heads)
-can be chunked through `model.settings`.
+distinct timestep and applied to the runs of tokens that share it. Inside a block only
+the float32 residual stream x [B, S, dim] and one sample's keys and values ([L, dim]
+each) are whole: self-attention runs one sample at a time, its keys and values first
+(so the rows of x that a query chunk then updates are not read again), then its queries
+in chunks of `attn_chunk_tokens`, each chunk's rows of x updated once attended;
+cross-attention, the FFN and the head go over token chunks too. Norms and rope work in
+place or over small chunks, and every residual update is in place.
 
 For a streaming engine: `model.blocks` is an nn.ModuleList; every weight of a block is a
 buffer of that block (QLinear keeps packed bytes as its `weight` buffer), and the forward
@@ -44,6 +48,12 @@ from .rope import RopeTable
 # about this many values, so its temporaries stay small next to the activations.
 DEFAULT_CHUNK_VALUES = 1 << 23
 
+# Token chunks of these sizes keep the GEMMs and cuDNN attention at full speed (an A14B
+# block at 480p and 720p on an H200, bench/dit.py --chunks) while the chunks' working
+# set stays small next to the residual stream and one sample's keys and values.
+DEFAULT_ATTN_CHUNK_TOKENS = 8192
+DEFAULT_FFN_CHUNK_TOKENS = 16384
+
 # Beyond this many runs of equal timesteps per sample, per-token tables are gathered
 # instead of walking the runs (arbitrary per-token t; TI2V has two runs).
 MAX_RUNS_PER_SAMPLE = 64
@@ -55,12 +65,23 @@ class ComputeSettings:
 
     dtype: torch.dtype = torch.float32  # linears, conv and attention; float32 or bfloat16
     attention: str = "sdpa"  # attention kernel name (runtime.attention.KERNELS)
-    ffn_chunk_tokens: int | None = None  # run the FFN over this many tokens at a time
+    # Queries per attention call (self and cross, one sample at a time); also the token
+    # chunk of the keys/values, the norms before the projections and the head. None: a
+    # whole sample at once.
+    attn_chunk_tokens: int | None = DEFAULT_ATTN_CHUNK_TOKENS
+    ffn_chunk_tokens: int | None = DEFAULT_FFN_CHUNK_TOKENS  # FFN tokens at a time (None: all)
     attn_heads_per_chunk: int | None = None  # run attention over this many heads at a time
     chunk_values: int = DEFAULT_CHUNK_VALUES  # elementwise work per chunk (values)
 
     def chunk_tokens(self, width: int) -> int:
         return max(1, self.chunk_values // width)
+
+
+def spans(n: int, step: int | None):
+    """[s, e) pieces of range(n), at most `step` long (None: one piece)."""
+    step = n if step is None else max(1, step)
+    for s in range(0, n, step):
+        yield s, min(n, s + step)
 
 
 # ---- timesteps: one embedding per distinct value ------------------------------------
@@ -133,6 +154,17 @@ def chunks(segments: Sequence[Segment], max_tokens: int | None):
             yield seg, s, min(seg.end, s + step)
 
 
+def segments_in(segments: Sequence[Segment], start: int, end: int) -> list[Segment]:
+    """The runs that cover tokens [start, end) of the flattened sequence, cut to that
+    range and renumbered from `start` (for norms and updates over a chunk of rows)."""
+    out = []
+    for seg in segments:
+        s, e = max(seg.start, start), min(seg.end, end)
+        if s < e:
+            out.append(Segment(s - start, e - start, seg.piece(s, e).which))
+    return out
+
+
 @dataclass
 class TimeEmbedding:
     e: torch.Tensor  # [U, dim] float32: time_embedding output (the head's modulation input)
@@ -160,14 +192,18 @@ def elementwise_step(segments, chunk: int | None, *tensors: torch.Tensor) -> int
 
 
 def modulated_norm(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segments, out_dtype, eps: float, chunk: int | None
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, segments, out_dtype, eps: float, chunk: int | None,
+    stream_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """LN(x)·(1 + scale) + shift over x [T, dim], float32 math, written as `out_dtype`.
     LN has no affine weights and, like the official WanLayerNorm, rounds its float32
-    result to x's dtype (a bf16 stream in the first block) before the modulation."""
+    result to the stream's dtype (bf16 in the first block of a bf16 run) before the
+    modulation: x's dtype, or `stream_dtype` when x holds such values widened to float32."""
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    narrow = stream_dtype is not None and stream_dtype != x.dtype
     for seg, s, e in chunks(segments, elementwise_step(segments, chunk, x, out)):
-        fused.modulated_layer_norm(x[s:e], 1 + seg.rows(scale, s, e), seg.rows(shift, s, e), eps, out[s:e])
+        rows = x[s:e].to(stream_dtype) if narrow else x[s:e]  # exact: the values are of that dtype
+        fused.modulated_layer_norm(rows, 1 + seg.rows(scale, s, e), seg.rows(shift, s, e), eps, out[s:e])
     return out
 
 
@@ -193,13 +229,17 @@ class RMSNorm(nn.Module):
         """In place over x [B, S, dim] in token chunks; with `rope` (per sample, the
         complex128 [L_i, head_dim/2] rotations of its real tokens) the normed heads are
         also rotated in float64 as the official rope_apply does, padding left unrotated."""
-        B, S, D = x.shape
-        step = S if fused.takes(x) else chunk
-        for b in range(B):
-            freqs = None if rope is None else rope[b]
-            for s in range(0, S, step):
-                e = min(S, s + step)
-                fused.rms_norm_rope_(x[b, s:e], self.weight, self.eps, None if freqs is None else freqs[s:e])
+        for b in range(x.shape[0]):
+            self.rows_(x[b], None if rope is None else rope[b], chunk)
+        return x
+
+    def rows_(self, x: torch.Tensor, rot: torch.Tensor | None, chunk: int) -> torch.Tensor:
+        """In place over the rows of x [T, dim]; `rot` (complex128 [n, head_dim/2], n may
+        exceed T) rotates its first rows, rows past n (padding) are only normed. The kernel
+        takes all rows at once, the torch twin goes by `chunk` rows."""
+        T = x.shape[0]
+        for s, e in spans(T, None if fused.takes(x) else chunk):
+            fused.rms_norm_rope_(x[s:e], self.weight, self.eps, None if rot is None else rot[s:e])
         return x
 
 
@@ -233,6 +273,35 @@ class BlockInputs:
     seq_lens: list[int]  # real tokens per sample
     rope: list[torch.Tensor]  # per sample: complex128 [L_i, head_dim/2] rotations of its tokens
     settings: ComputeSettings
+    # The dtype of the official residual stream as the next block receives it: the
+    # compute dtype before the first block (the patch tokens, held here widened to
+    # float32), float32 once a block has updated it (WAN22.md 2.7). Only the rounding
+    # of the first block's LN1 depends on it.
+    stream_dtype: torch.dtype = torch.float32
+
+
+class Projection:
+    """A QLinear's weight decoded once (into scratch slot `slot`) for calls on chunks of
+    rows: y = x·Wᵀ + b, with a LoRA merged or run beside as the layer would do for
+    `tokens` rows in one call. Valid until the next decode into that slot."""
+
+    def __init__(self, linear: QLinear, dtype: torch.dtype, slot: int, tokens: int):
+        self.linear = linear
+        self.side = linear.lora_beside(tokens)
+        self.weight = linear.dense_weight(dtype, slot, lora=not self.side)
+        self.bias = None if linear.bias is None else linear.bias.to(dtype)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] -> [T, out], written into `out` (contiguous rows) when given."""
+        if out is None:
+            y = F.linear(x, self.weight, self.bias)
+        elif self.bias is None:
+            y = torch.mm(x, self.weight.t(), out=out)
+        else:
+            y = torch.addmm(self.bias, x, self.weight.t(), out=out)  # what F.linear runs on 2-D x
+        if self.side:
+            self.linear.lora_side_(x, y)
+        return y
 
 
 class SelfAttention(nn.Module):
@@ -246,37 +315,69 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps, device)
         self.norm_k = RMSNorm(dim, eps, device)
 
-    def forward(self, h: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
-        """h [B, S, dim] -> [B, S, dim]; keys beyond each sample's real length are excluded."""
-        B, S, D = h.shape
-        n, chunk = self.num_heads, ctx.settings.chunk_tokens(D)
-        q = self.norm_q.normalize_(self.q(h), chunk, ctx.rope)
-        k = self.norm_k.normalize_(self.k(h), chunk, ctx.rope)
-        v = self.v(h)
+    def projections(self, names: Sequence[str], dtype: torch.dtype, tokens: int) -> list[Projection]:
+        """The named linears decoded into scratch slots 0, 1, ... for a pass over `tokens` rows."""
+        return [Projection(getattr(self, name), dtype, slot, tokens) for slot, name in enumerate(names)]
+
+    def keys_values_(self, h, keys, values, rot, k: Projection, v: Projection, chunk: int) -> None:
+        """h [c, dim] -> keys = rope(RMSNorm(h·Wkᵀ + bk)), values = h·Wvᵀ + bv, written
+        into the rows given ([c, dim] each); `rot` rotates the first rows of keys."""
+        k(h, out=keys)
+        v(h, out=values)
         del h
+        self.norm_k.rows_(keys, rot, chunk)
+
+    def attend(self, h, keys, values, rot, q: Projection, o: Projection, st: ComputeSettings) -> torch.Tensor:
+        """h [c, dim] (freed once projected) -> o(attention(q, keys, values)) [c, dim] with
+        q = rope(RMSNorm(h·Wqᵀ + bq)) (`rot`: rotations of its first rows, None: no rope)
+        over keys and values [L, dim] of one sample, every row of them attended."""
+        c, D = h.shape
+        n = self.num_heads
+        queries = q(h)
+        del h
+        self.norm_q.rows_(queries, rot, st.chunk_tokens(D))
         a = attention(
-            q.view(B, S, n, -1), k.view(B, S, n, -1), v.view(B, S, n, -1), ctx.seq_lens,
-            kernel=ctx.settings.attention, heads_per_chunk=ctx.settings.attn_heads_per_chunk,
+            queries.view(1, c, n, -1), keys.view(1, -1, n, D // n), values.view(1, -1, n, D // n),
+            kernel=st.attention, heads_per_chunk=st.attn_heads_per_chunk,
         )
-        del q, k, v
-        return self.o(a.reshape(B, S, D))
+        del queries
+        return o(a.reshape(c, D))
+
+    def forward(self, h: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
+        """h [B, S, dim] -> [B, S, dim], a sample at a time (the block takes the same steps
+        over chunks of rows); keys beyond each sample's real length are excluded."""
+        B, S, D = h.shape
+        st = ctx.settings
+        out = torch.empty_like(h)
+        for b in range(B):
+            n = ctx.seq_lens[b]
+            k, v = self.projections(("k", "v"), st.dtype, B * S)
+            keys, values = h.new_empty(n, D), h.new_empty(n, D)
+            self.keys_values_(h[b, :n], keys, values, ctx.rope[b], k, v, st.chunk_tokens(D))
+            q, o = self.projections(("q", "o"), st.dtype, B * S)
+            out[b] = self.attend(h[b], keys, values, ctx.rope[b], q, o, st)
+        return out
 
 
 class CrossAttention(SelfAttention):
+    """Queries from the video tokens, keys and values from all text_len context rows
+    (padding included, as official); no rope."""
+
+    def context_keys_values(self, context: torch.Tensor, st: ComputeSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """context [B, text_len, dim] -> RMSNorm(context·Wkᵀ + bk), context·Wvᵀ + bv."""
+        keys = self.norm_k.normalize_(self.k(context), st.chunk_tokens(context.shape[-1]))
+        return keys, self.v(context)
+
     def forward(self, h: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
-        """h [B, S, dim] attends to all text_len context rows (padding included, as official)."""
+        """h [B, S, dim] -> [B, S, dim], a sample at a time."""
         B, S, D = h.shape
-        n, chunk = self.num_heads, ctx.settings.chunk_tokens(D)
-        q = self.norm_q.normalize_(self.q(h), chunk)
-        del h
-        k = self.norm_k.normalize_(self.k(ctx.context), chunk)
-        v = self.v(ctx.context)
-        a = attention(
-            q.view(B, S, n, -1), k.view(B, -1, n, k.shape[-1] // n), v.view(B, -1, n, v.shape[-1] // n),
-            kernel=ctx.settings.attention, heads_per_chunk=ctx.settings.attn_heads_per_chunk,
-        )
-        del q, k, v
-        return self.o(a.reshape(B, S, D))
+        st = ctx.settings
+        keys, values = self.context_keys_values(ctx.context, st)
+        q, o = self.projections(("q", "o"), st.dtype, B * S)
+        out = torch.empty_like(h)
+        for b in range(B):
+            out[b] = self.attend(h[b], keys[b], values[b], None, q, o, st)
+        return out
 
 
 # ---- the block -----------------------------------------------------------------------
@@ -296,29 +397,63 @@ class Block(nn.Module):
         self.register_buffer("modulation", torch.zeros(1, 6, d, device=device))
 
     def forward(self, x: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
-        """x [B, S, dim] -> [B, S, dim] float32 (updated in place once it is float32)."""
+        """x [B, S, dim] float32 -> x, updated in place (an x of another dtype is widened
+        first, and its dtype is then the stream's)."""
         B, S, D = x.shape
-        st = ctx.settings
-        chunk, segs = st.chunk_tokens(D), ctx.time.segments
+        stream = ctx.stream_dtype
+        if x.dtype != torch.float32:
+            stream, x = x.dtype, x.float()
         # modulation = table + e0, float32 [U, 6, dim]
         mod = self.modulation.float().view(6, D) + ctx.time.e0
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(1)
-
-        # 1. self-attention on LN1(x)·(1 + scale) + shift (handed over: freed once q, k, v exist)
-        y = self.self_attn(
-            modulated_norm(x.view(-1, D), shift_sa, scale_sa, segs, st.dtype, self.eps, chunk).view(B, S, D), ctx
-        )
-        # 2. x += y·gate; the residual stream is float32 from here on
-        if x.dtype != torch.float32:
-            x = x.float()
         xf = x.view(-1, D)
-        gated_add_(xf, y.view(-1, D), gate_sa, segs, chunk)
-        del y
-        # 3. cross-attention on LN3(x) (affine), no modulation, no gate
-        fused.gated_add_(xf, self.cross_attn(self.norm3(xf, st.dtype, chunk).view(B, S, D), ctx).view(-1, D))
+        # 1-2. x += SelfAttn(LN1(x)·(1 + scale) + shift)·gate; the stream is float32 after it
+        self.self_attention_residual_(xf, B, S, shift_sa, scale_sa, gate_sa, stream, ctx)
+        ctx.stream_dtype = torch.float32
+        # 3. x += CrossAttn(LN3(x), context): affine LN3, no modulation, no gate
+        self.cross_attention_residual_(xf, B, S, ctx)
         # 4. x += FFN(LN2(x)·(1 + scale) + shift)·gate
-        self.ffn_residual_(xf, shift_ff, scale_ff, gate_ff, segs, st)
+        self.ffn_residual_(xf, shift_ff, scale_ff, gate_ff, ctx.time.segments, ctx.settings)
         return x
+
+    def self_attention_residual_(self, x, B: int, S: int, shift, scale, gate, stream, ctx: BlockInputs) -> None:
+        """x [B·S, dim] float32, in place, one sample at a time: the keys and values of all
+        its real tokens first, then its queries by chunks of `attn_chunk_tokens`, each
+        chunk's rows of x updated as soon as they are attended (nothing later in this
+        sample reads them). Only x and one sample's keys and values are whole."""
+        st, sa, D = ctx.settings, self.self_attn, x.shape[1]
+        segs, elem, step = ctx.time.segments, st.chunk_tokens(D), st.attn_chunk_tokens
+
+        def h(s: int, e: int) -> torch.Tensor:  # LN1(x)·(1 + scale) + shift of rows [s, e)
+            return modulated_norm(x[s:e], shift, scale, segments_in(segs, s, e), st.dtype, self.eps, elem, stream)
+
+        for b in range(B):
+            n, rot, first = ctx.seq_lens[b], ctx.rope[b], b * S
+            k, v = sa.projections(("k", "v"), st.dtype, B * S)
+            keys = x.new_empty((n, D), dtype=st.dtype)
+            values = x.new_empty((n, D), dtype=st.dtype)
+            for s, e in spans(n, step):
+                sa.keys_values_(h(first + s, first + e), keys[s:e], values[s:e], rot[s:e], k, v, elem)
+            q, o = sa.projections(("q", "o"), st.dtype, B * S)
+            for s, e in spans(S, step):
+                y = sa.attend(h(first + s, first + e), keys, values, rot[s:e], q, o, st)
+                rows = x[first + s : first + e]
+                gated_add_(rows, y, gate, segments_in(segs, first + s, first + e), elem)
+                del y
+            del keys, values
+
+    def cross_attention_residual_(self, x, B: int, S: int, ctx: BlockInputs) -> None:
+        """x [B·S, dim] float32, in place, by chunks of rows of each sample."""
+        st, ca, D = ctx.settings, self.cross_attn, x.shape[1]
+        elem = st.chunk_tokens(D)
+        keys, values = ca.context_keys_values(ctx.context, st)
+        q, o = ca.projections(("q", "o"), st.dtype, B * S)
+        for b in range(B):
+            for s, e in spans(S, st.attn_chunk_tokens):
+                rows = x[b * S + s : b * S + e]
+                y = ca.attend(self.norm3(rows, st.dtype, elem), keys[b], values[b], None, q, o, st)
+                fused.gated_add_(rows, y)
+                del y
 
     def ffn_residual_(self, x: torch.Tensor, shift, scale, gate, segments, st: ComputeSettings) -> None:
         """Linear -> GELU(tanh) -> Linear, over `st.ffn_chunk_tokens` tokens at a time; both
@@ -371,11 +506,18 @@ class Head(nn.Module):
         self.register_buffer("modulation", torch.zeros(1, 2, cfg.dim, device=device))
 
     def forward(self, x: torch.Tensor, time: TimeEmbedding, settings: ComputeSettings) -> torch.Tensor:
-        D = x.shape[-1]
+        """x [B, S, dim] -> [B, S, prod(patch)·out_dim] float32, by chunks of tokens."""
+        B, S, D = x.shape
         mod = self.modulation.float().view(2, D) + time.e[:, None, :]  # [U, 2, dim]
         shift, scale = mod.unbind(1)
-        h = modulated_norm(x.reshape(-1, D), shift, scale, time.segments, torch.float32, self.eps, settings.chunk_tokens(D))
-        return self.head(h).view(*x.shape[:2], -1)
+        xf = x.reshape(-1, D)
+        head = Projection(self.head, torch.float32, 0, B * S)
+        out = torch.empty(B * S, self.head.out_features, dtype=torch.float32, device=x.device)
+        for seg, s, e in chunks(time.segments, settings.attn_chunk_tokens):
+            h = modulated_norm(xf[s:e], shift, scale, [seg.piece(s, e)], torch.float32, self.eps, settings.chunk_tokens(D))
+            head(h, out=out[s:e])
+            del h
+        return out.view(B, S, -1)
 
 
 class WanDiT(nn.Module):
@@ -420,14 +562,16 @@ class WanDiT(nn.Module):
     # -- the forward, step by step --
 
     def embed_video(self, x: Sequence[torch.Tensor], y, seq_len: int):
-        """1. x ⊕ y -> patch tokens, zero-padded to seq_len: [B, S, dim] (compute dtype)
-        and the per-sample grids (F, H, W) in patches."""
+        """1. x ⊕ y -> patch tokens, zero-padded to seq_len, and the per-sample grids
+        (F, H, W) in patches. The tokens come out of the Conv3d in the compute dtype and
+        are held widened to float32 [B, S, dim] (exact), the residual stream's own dtype
+        from the first update on, so the first block need not hold both."""
         cfg, dtype = self.config, self.dtype
         if y is not None:
             if len(y) != len(x):
                 raise ValueError(f"{len(x)} latents but {len(y)} conditions y")
             x = [torch.cat([u, v.to(u.dtype)], dim=0) for u, v in zip(x, y)]
-        tokens = torch.zeros(len(x), seq_len, cfg.dim, dtype=dtype, device=self.device)
+        tokens = torch.zeros(len(x), seq_len, cfg.dim, dtype=torch.float32, device=self.device)
         grids = []
         for i, u in enumerate(x):
             if u.dim() != 4 or u.shape[0] != cfg.in_dim:
@@ -475,7 +619,7 @@ class WanDiT(nn.Module):
             if g not in cache:
                 cache[g] = table.for_grid(*g)
             rope.append(cache[g])
-        return BlockInputs(time, context, [math.prod(g) for g in grids], rope, self.settings)
+        return BlockInputs(time, context, [math.prod(g) for g in grids], rope, self.settings, stream_dtype=self.dtype)
 
     def run_block(self, i: int, block: Block, x: torch.Tensor, ctx: BlockInputs) -> torch.Tensor:
         """4. one block; the single point an engine replaces to stream weights."""
