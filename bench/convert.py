@@ -212,7 +212,10 @@ def child_serial(src: str, out: str, layout_of: str) -> dict:
                     t = clock.add("read", t)
                     at = offsets[name] + r * row_nbytes(ggml_type, n)  # placed to be written without a copy
                     skip = in_place_skip(obuf.data_ptr(), at)
-                    y = tensor_bytes(plan, x, out=obuf[skip : skip + k * row_nbytes(ggml_type, n)])
+                    out = obuf[skip : skip + k * row_nbytes(ggml_type, n)]
+                    y = tensor_bytes(plan, x, out=out)
+                    if y.data_ptr() == x.data_ptr():  # kept as read: copied out, as the pipeline does
+                        y = out.copy_(y.reshape(-1).view(torch.uint8))
                     clock.add("quantize", t)
                     yield y
             return pieces
@@ -270,15 +273,27 @@ def child_gguf_py(src: str, out: str, layout_of: str) -> dict:
 CHILDREN = {"ours": child_ours, "serial": child_serial, "gguf-py": child_gguf_py}
 
 
+def _busy_cpu_seconds() -> float:
+    """CPU seconds every process of the machine has used so far (from /proc/stat)."""
+    fields = open("/proc/stat").readline().split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(role: str, src: Path, *args: str) -> dict:
     warm = warm_page_cache(src)
     args = (str(src), *args)
     report = Path(args[1] + ".json")
     load_before = os.getloadavg()[0]
+    busy0, kids0, t0 = _busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run([sys.executable, __file__, "--child", role, *args, str(report)], check=True, cwd=REPO)
+    busy1, kids1, wall = _busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
     r = json.loads(report.read_text())
     report.unlink()
-    r.update(load_before=load_before, load_after=os.getloadavg()[0], warm_up_cpu_s_per_gb=warm)
+    child_cpu = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+    # cores the rest of the machine kept busy meanwhile (other people's work)
+    r.update(load_before=load_before, load_after=os.getloadavg()[0], warm_up_cpu_s_per_gb=warm,
+             others_cores=max(0.0, (busy1 - busy0 - child_cpu) / wall))
     return r
 
 
@@ -301,6 +316,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="folder for the files (default: system temp); its file system matters")
     ap.add_argument("--source", type=Path, default=None,
                     help="keep the synthetic checkpoint at this path and reuse it when it is there")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of our converter per type (the median is shown)")
     ap.add_argument("--no-gguf-py", action="store_true", help="skip the gguf-py conversion (faster)")
     ap.add_argument("--out", default="bench-convert.json")
     args = ap.parse_args()
@@ -319,7 +335,10 @@ def main() -> None:
         for type_name in args.types.split(","):
             run = {"type": type_name}
             ours = Path(tmp) / f"ours-{type_name}.gguf"
-            run["ours"] = run_child("ours", src, str(ours), type_name)
+            tries = [run_child("ours", src, str(ours), type_name) for _ in range(args.repeat)]
+            run["ours"] = sorted(tries, key=lambda r: r["seconds"])[len(tries) // 2]  # the median run
+            run["ours"]["all_seconds"] = [r["seconds"] for r in tries]
+            run["ours"]["all_cpu_seconds"] = [r["cpu_seconds"] for r in tries]
             other = Path(tmp) / f"other-{type_name}.gguf"
             roles = ["serial"] + ([] if args.no_gguf_py else ["gguf-py"])
             for role in roles:
@@ -360,10 +379,11 @@ def print_tables(results: dict) -> None:
     print(f"\nsource: {results['source_bytes'] / 1e9:.2f} GB bf16 in the page cache, {results['blocks']} blocks of "
           f"width {DIM}; largest tensor {results['largest_tensor']} {results['largest_tensor_bytes'] / 1e9:.3f} GB; "
           f"{results['cpu_count']} CPUs")
-    print("CPU s/GB: user+system seconds of all threads per GB of bf16 source (load-independent); "
-          "GB/s: source GB per wall second; load: 1-min load average before/after")
+    print("CPU s/GB: user+system seconds of all threads per GB of bf16 source (nearly load-independent); "
+          "GB/s: source GB per wall second; load: 1-min load average before/after; others: cores other "
+          "processes kept busy during the run; same: output byte-identical to ours")
     print(f"{'type':<5} {'run':<8} {'read':>6} {'quant':>6} {'write':>6} {'total':>6} {'wall s':>7} {'GB/s':>5} "
-          f"{'RSS-largest':>11} {'load':>9} {'same':>4}")
+          f"{'RSS-largest':>11} {'load':>9} {'others':>6} {'same':>4}")
     for run in results["runs"]:
         for role in ("ours", "serial", "gguf-py"):
             r = run.get(role)
@@ -373,7 +393,8 @@ def print_tables(results: dict) -> None:
             cells = " ".join(f"{st[s]:6.2f}" if s in st else f"{'-':>6}" for s in STAGES)
             same = "" if role == "ours" else ("yes" if r["identical_to_ours"] else "NO")
             print(f"{run['type']:<5} {role:<8} {cells} {r['cpu_s_per_gb']:6.2f} {r['seconds']:7.2f} {r['gb_per_s']:5.2f} "
-                  f"{r['peak_rss_above_largest_gb']:8.2f} GB {r['load_before']:4.1f}/{r['load_after']:<4.1f} {same:>4}")
+                  f"{r['peak_rss_above_largest_gb']:8.2f} GB {r['load_before']:4.1f}/{r['load_after']:<4.1f} "
+                  f"{r['others_cores']:6.2f} {same:>4}")
     if any("x_quantizer_wall" in run for run in results["runs"]):
         print("ours vs gguf-py, same tensors, same run (x = how many times faster; wall, and CPU seconds):")
         print("  quantizer only: bf16 tensor in memory -> blocks in memory (theirs: float32 widening + gguf.quants)")

@@ -93,11 +93,7 @@ class AtomicFile:
         src = src.cast("B")
         if self.direct and len(src) >= ZERO_COPY_MIN and (_address(src) - self.position) % ALIGN == 0:
             head = -self.position % ALIGN
-            self._stage(src[:head])
-            if self._fill:  # the staged bytes now end on a block boundary
-                self._write_out(self._fill)
-                self._base += self._fill
-                self._fill = 0
+            self._stage(src[:head])  # the staged bytes now end on a block boundary
             body = (len(src) - head) // ALIGN * ALIGN
             self._write_from(src[head : head + body])
             src = src[head + body :]
@@ -158,13 +154,13 @@ class AtomicFile:
             padded = -(-n // ALIGN) * ALIGN
             self._view[n:padded] = bytes(padded - n)  # the rounding never leaves stale bytes
             try:
-                self._pwrite_all(self._view[:padded], self._base)
+                self._pwrite_one(self._view[:padded], self._base)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self._go_buffered()  # opened with O_DIRECT, but writes are refused
-        self._pwrite_all(self._view[:n], self._base)
+        self._pwrite_one(self._view[:n], self._base)
         if _FADVISE:
             # start writeback of this chunk now; drop an older one, whose writeback is done
             os.posix_fadvise(self._fd, self._base, n, os.POSIX_FADV_DONTNEED)
@@ -186,17 +182,31 @@ class AtomicFile:
                 self._fill = 0
 
     def _write_from(self, view: memoryview) -> None:
-        """Write the caller's aligned bytes at the (aligned, empty) buffer's offset."""
+        """Write the staged whole blocks and then the caller's aligned bytes, in one
+        request, at the buffer's offset; the buffer is left empty."""
+        staged = self._view[: self._fill]
         try:
-            self._pwrite_all(view, self._base)
+            self._pwrite_all(staged, view, self._base)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             self._go_buffered()
-            self._pwrite_all(view, self._base)
-        self._base += len(view)
+            self._pwrite_all(staged, view, self._base)
+        self._base += self._fill + len(view)
+        self._fill = 0
 
-    def _pwrite_all(self, view: memoryview, offset: int) -> None:
+    def _pwrite_all(self, first: memoryview, second: memoryview, offset: int) -> None:
+        """Write first then second at offset (a vectored write where there is one)."""
+        if len(first) and hasattr(os, "pwritev"):
+            n = os.pwritev(self._fd, [first, second], offset)
+            if n >= len(first):
+                self._pwrite_one(second[n - len(first) :], offset + n)
+                return
+            first, second, offset = first[n:], second, offset + n
+        self._pwrite_one(first, offset)
+        self._pwrite_one(second, offset + len(first))
+
+    def _pwrite_one(self, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
             n = _pwrite(self._fd, view[done:], offset + done)

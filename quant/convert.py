@@ -119,8 +119,7 @@ def convert(source, out: str | Path, options: ConvertOptions) -> ConvertResult:
             bar = tqdm(total=source_bytes, unit="B", unit_scale=True, unit_divisor=1000,
                        desc=f"converting -> {out.name}", dynamic_ncols=True)
         try:
-            with _stream(ckpt, plans, options) as stream:
-                stream.progress = bar.update if bar is not None else None
+            with _stream(ckpt, plans, options, bar.update if bar is not None else None) as stream:
                 for plan in plans:
                     writer.add_tensor(plan.name, plan.shape, plan.ggml_type, stream.producer(plan))
                 stream.place_for(writer.tensor_offsets())
@@ -188,11 +187,13 @@ def _head_count(ckpt: Checkpoint, options: ConvertOptions, notes: list[str]) -> 
     return None
 
 
-def _stream(ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions) -> TensorStream:
+def _stream(ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions,
+            progress: Callable[[int], None] | None) -> TensorStream:
     """The pipeline that reads, encodes and hands each tensor to the writer in pieces."""
     hooks = options.weight_hooks
-    # Reading and writing take about a core between them; the codec gets the others.
-    threads = options.threads or max(1, (os.cpu_count() or 1) - 1)
+    # Every core for the codec: reading and writing mostly wait on memory and the disk
+    # (a tenth of the codec's CPU time), so the codec is what the cores are needed for.
+    threads = options.threads
 
     def read_whole(plan: TensorPlan) -> torch.Tensor:
         return _apply_hooks(plan.name, _as_float(ckpt.load(plan.name), threads), hooks)
@@ -207,7 +208,7 @@ def _stream(ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions) 
 
     return TensorStream(plans, read_whole=read_whole, byte_reader=byte_reader, encode=encode,
                         source_nbytes=lambda p: ckpt.info(p.name).nbytes,
-                        source_dtype=lambda p: ckpt.info(p.name).dtype)
+                        source_dtype=lambda p: ckpt.info(p.name).dtype, progress=progress)
 
 
 # Input bytes per codec call on the route through a float base: each chunk is rounded
@@ -316,7 +317,13 @@ def dequantize_to_safetensors(source, out: str | Path, *, dtype: torch.dtype = t
             bar = tqdm(total=len(ckpt), unit="tensor", desc=f"dequantizing -> {out.name}", dynamic_ncols=True)
 
         def produce(name: str) -> Callable[[], torch.Tensor]:
-            return lambda: _as_float(ckpt.load(name), threads).to(dtype)
+            def f() -> torch.Tensor:
+                x = ckpt.load(name)
+                if isinstance(x, PackedTensor) and x.ggml_type in LEGACY_QUANTS:
+                    # the codec rounds its float32 values once to dtype, as .to(dtype) would
+                    return codecs.dequantize(x.data, x.ggml_type, x.shape, dtype=dtype, threads=threads)
+                return _as_float(x, threads).to(dtype)
+            return f
 
         tensors = [TensorToWrite(n, dtype, ckpt.info(n).shape, produce(n)) for n in ckpt.names()]
         meta = {"format": "pt", "source": Path(ckpt.path).name}
@@ -392,7 +399,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-extra-metadata", action="store_true",
                    help="write only the keys city96 writes (architecture, quantization version, file type)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--threads", type=int, default=None, help="codec threads (default: all cores but one, which writes)")
+    p.add_argument("--threads", type=int, default=None, help="codec threads (default: every core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print every tensor's type and why")
     p.add_argument("--lora", action="append", default=[], metavar="[EXPERT=]PATH[:STRENGTH]",

@@ -9,10 +9,11 @@ A piece is a run of whole rows of one tensor (rows are what block quantization w
 on). While the writer writes piece k, one thread encodes piece k+1 and another reads
 piece k+2 (file I/O and the native codec release the GIL, so the three run on
 separate cores). Given the tensors' file offsets, each piece is encoded at the
-address the file can write it from without a copy (`atomic_file`). Pieces move through a few reused buffers of ~16 MB: fresh memory
-costs a page fault and a zeroed page per 4 KiB, which on a busy or virtualized
-machine costs more than converting the bytes, and small buffers keep memory near
-nothing beyond what the writer holds.
+address from which the file can write it without a copy (`atomic_file`).
+
+Pieces move through a few reused buffers of ~16 MB: fresh memory costs a page fault
+and a zeroed page per 4 KiB, which on a busy or virtualized machine costs more than
+converting the bytes, and small buffers keep memory near nothing.
 
 Tensors stored as plain float bytes in a file (safetensors) are read piece by piece
 with positioned reads. Others (GGUF, .pth, block-quantized sources, tensors that a

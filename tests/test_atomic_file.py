@@ -148,16 +148,18 @@ def test_falls_back_when_direct_writes_are_refused(tmp_path, monkeypatch, in_pla
     import fcntl
 
     direct_works = _direct_io_works(tmp_path)
-    real_pwrite = os.pwrite
     refused = []
 
-    def no_direct(fd, data, offset):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
-            refused.append(offset)
-            raise OSError(errno.EINVAL, "Invalid argument")  # file systems that accept the flag, not the writes
-        return real_pwrite(fd, data, offset)
+    def refuse_direct(real):
+        def write(fd, data, offset):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+                refused.append(offset)
+                raise OSError(errno.EINVAL, "Invalid argument")  # file systems that accept the flag, not the writes
+            return real(fd, data, offset)
+        return write
 
-    monkeypatch.setattr(atomic_file.os, "pwrite", no_direct)
+    monkeypatch.setattr(atomic_file.os, "pwrite", refuse_direct(os.pwrite))
+    monkeypatch.setattr(atomic_file.os, "pwritev", refuse_direct(os.pwritev))
     pieces = _pieces(seed=2)
     f = _write(tmp_path / "out.bin", pieces, direct=True, in_place=in_place)
     assert not f.direct

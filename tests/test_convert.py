@@ -363,3 +363,20 @@ def test_convert_rejects_bad_options(tmp_path):
         convert(tmp_path / "x", tmp_path / "o.gguf", ConvertOptions(type=GGMLType.Q8_0, via=GGMLType.Q8_0))
     with pytest.raises(ConvertError, match="cannot write"):
         convert(tmp_path / "x", tmp_path / "o.gguf", ConvertOptions(type=GGMLType.Q4_K))
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_dequantize_to_half_precision_rounds_the_float32_values_once(golden, tmp_path, dtype):
+    """--dtype bf16/f16: each value is the float32 decoding rounded once (as .to())."""
+    src = golden / "gguf/wan_tiny/wan_tiny-Q4_0.gguf"
+    back = tmp_path / "back.safetensors"
+    assert _run(["--dequantize", src, back, "--dtype", dtype]) == 0
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    restored = load_file(str(back))
+    with GGUFFile(src) as f:
+        assert sorted(restored) == sorted(f.tensors)
+        for n, t in f.tensors.items():
+            x = f.load(n)
+            exact = codecs.dequantize(x.data, x.ggml_type, x.shape) if t.ggml_type in LEGACY_QUANTS else x.float()
+            assert restored[n].dtype == torch_dtype and torch.equal(restored[n], exact.to(torch_dtype)), n
