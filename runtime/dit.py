@@ -456,8 +456,9 @@ class Block(nn.Module):
                 del y
 
     def ffn_residual_(self, x: torch.Tensor, shift, scale, gate, segments, st: ComputeSettings) -> None:
-        """Linear -> GELU(tanh) -> Linear, over `st.ffn_chunk_tokens` tokens at a time; both
-        weights are decoded once (two scratch slots) and reused by every chunk."""
+        """Linear -> GELU(tanh) -> Linear, over `st.ffn_chunk_tokens` tokens at a time (of
+        the whole batch, whatever their timesteps); both weights are decoded once (two
+        scratch slots) and reused by every chunk."""
         up, down = self.ffn[0], self.ffn[2]
         # A LoRA is merged into the decoded weight, or runs beside the matmul (QLinear).
         side_up, side_down = up.lora_beside(x.shape[0]), down.lora_beside(x.shape[0])
@@ -465,8 +466,9 @@ class Block(nn.Module):
         w_down = down.dense_weight(st.dtype, slot=1, lora=not side_down)
         b_up, b_down = up.bias.to(st.dtype), down.bias.to(st.dtype)
         chunk = st.chunk_tokens(x.shape[-1])
-        for seg, s, e in chunks(segments, st.ffn_chunk_tokens):
-            h = modulated_norm(x[s:e], shift, scale, [seg.piece(s, e)], st.dtype, self.eps, chunk)
+        for s, e in spans(x.shape[0], st.ffn_chunk_tokens):
+            segs = segments_in(segments, s, e)
+            h = modulated_norm(x[s:e], shift, scale, segs, st.dtype, self.eps, chunk)
             a = F.linear(h, w_up, b_up)
             if side_up:
                 up.lora_side_(h, a)
@@ -476,7 +478,7 @@ class Block(nn.Module):
             if side_down:
                 down.lora_side_(a, out)
             del a
-            fused.gated_add_(x[s:e], out, seg.rows(gate, s, e))
+            gated_add_(x[s:e], out, gate, segs, chunk)
 
 
 # ---- embeddings and head -------------------------------------------------------------
@@ -513,8 +515,9 @@ class Head(nn.Module):
         xf = x.reshape(-1, D)
         head = Projection(self.head, torch.float32, 0, B * S)
         out = torch.empty(B * S, self.head.out_features, dtype=torch.float32, device=x.device)
-        for seg, s, e in chunks(time.segments, settings.attn_chunk_tokens):
-            h = modulated_norm(xf[s:e], shift, scale, [seg.piece(s, e)], torch.float32, self.eps, settings.chunk_tokens(D))
+        for s, e in spans(B * S, settings.attn_chunk_tokens):
+            segs = segments_in(time.segments, s, e)
+            h = modulated_norm(xf[s:e], shift, scale, segs, torch.float32, self.eps, settings.chunk_tokens(D))
             head(h, out=out[s:e])
             del h
         return out.view(B, S, -1)

@@ -17,7 +17,7 @@ from runtime.dit_config import DiTConfig, detect_config
 from runtime.stream import BlockWeights, PlanError, Request, parse_memory, plan_dit
 from runtime.stream.budget import AUTO, GiB, MiB, DeviceInfo
 from runtime.stream.activations import dit_activation_bytes, t5_activation_bytes
-from runtime.stream.plan import PINNED, STAGED
+from runtime.stream.plan import PINNED, STAGED, fused_kernels_ready
 
 OVERHEAD = int(0.6 * GiB)
 
@@ -99,7 +99,8 @@ def test_plan_keeps_its_promise(a14b, size):
         # the activation term is the formula's for this request and the chunking chosen
         assert d.activations == dit_activation_bytes(
             dim=config.dim, ffn_dim=config.ffn_dim, heads=config.num_heads, tokens=tokens, text_len=config.text_len,
-            batch=2, dtype_bytes=2, ffn_chunk=plan.ffn_chunk, head_chunk=plan.head_chunk,
+            batch=2, dtype_bytes=2, attn_chunk=plan.attn_chunk, ffn_chunk=plan.ffn_chunk, head_chunk=plan.head_chunk,
+            fused=fused_kernels_ready(), head_out=config.patch_numel * config.out_dim,
         )
         text = plan.describe()
         assert req.describe() in text and "predicted peak" in text and f"{tokens:,} tokens" in text
@@ -221,13 +222,18 @@ class LiveBytes(TorchDispatchMode):
         self.seen.discard(key)
 
 
-@pytest.mark.parametrize("ffn_chunk,head_chunk", [(None, None), (1024, None), (None, 1)])
-def test_activation_formula_matches_a_measured_forward(ffn_chunk, head_chunk):
-    dim, heads, ffn, batch, grid = 256, 2, 688, 2, (8, 16, 16)
+@pytest.mark.parametrize(
+    "batch,attn_chunk,ffn_chunk,head_chunk",
+    [(2, None, None, None), (2, 512, 1024, None), (2, 128, 256, None), (2, 256, None, 1), (2, None, 512, None),
+     (1, 512, 1024, None), (1, None, None, None)],
+)
+def test_activation_formula_matches_a_measured_forward(batch, attn_chunk, ffn_chunk, head_chunk):
+    dim, heads, ffn, grid = 256, 2, 688, (8, 16, 16)
     chunk_values = 1 << 15  # small, in proportion to these sizes as the default is to 14B ones
     cfg = DiTConfig("t2v", 16, 16, dim, ffn, 256, 64, heads, 1, (1, 2, 2), "argument")
     settings = ComputeSettings(
-        dtype=torch.bfloat16, chunk_values=chunk_values, ffn_chunk_tokens=ffn_chunk, attn_heads_per_chunk=head_chunk
+        dtype=torch.bfloat16, chunk_values=chunk_values, attn_chunk_tokens=attn_chunk, ffn_chunk_tokens=ffn_chunk,
+        attn_heads_per_chunk=head_chunk,
     )
     torch.manual_seed(0)
     model = WanDiT(cfg, settings)
@@ -246,7 +252,8 @@ def test_activation_formula_matches_a_measured_forward(ffn_chunk, head_chunk):
             model(x, t, context, tokens)
     predicted = dit_activation_bytes(
         dim=dim, ffn_dim=ffn, heads=heads, tokens=tokens, text_len=cfg.text_len, batch=batch, dtype_bytes=2,
-        ffn_chunk=ffn_chunk, head_chunk=head_chunk, chunk_values=chunk_values,
+        attn_chunk=attn_chunk, ffn_chunk=ffn_chunk, head_chunk=head_chunk, chunk_values=chunk_values,
+        head_out=cfg.patch_numel * cfg.out_dim,
     )
     assert 0.97 <= predicted / mode.peak <= 1.15, (predicted, mode.peak)
 

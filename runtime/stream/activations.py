@@ -7,11 +7,24 @@ model allocates its activations must come with a change here.
 """
 from __future__ import annotations
 
-Chunks = tuple[int | None, int | None]  # (ffn tokens, attention heads)
+from typing import NamedTuple
 
-# Per value of an elementwise chunk (norm in float32, rope in float64): temporaries.
-ELEMENTWISE_BYTES_PER_VALUE = 48
-DEFAULT_CHUNK_VALUES = 1 << 23  # runtime.dit.DEFAULT_CHUNK_VALUES
+from ..dit import DEFAULT_ATTN_CHUNK_TOKENS, DEFAULT_CHUNK_VALUES, DEFAULT_FFN_CHUNK_TOKENS
+
+
+class Chunks(NamedTuple):
+    """How a forward splits its work (None: not split), as `runtime.dit.ComputeSettings`
+    names it: attention queries per call, FFN tokens per call, attention heads per call."""
+
+    attn: int | None = None
+    ffn: int | None = None
+    heads: int | None = None
+
+
+# Per value of an elementwise chunk done by the torch twins: their temporaries at the
+# most, in the rope (the normed float32 row, its float64 copy and product, the float32
+# result). The CUDA kernels (runtime/fused.py) keep none.
+ELEMENTWISE_BYTES_PER_VALUE = 24
 
 
 # -- the Wan DiT (runtime/dit.py) --------------------------------------------------------
@@ -26,45 +39,60 @@ def dit_activation_bytes(
     text_len: int,
     batch: int,
     dtype_bytes: int,
+    attn_chunk: int | None = None,
     ffn_chunk: int | None = None,
     head_chunk: int | None = None,
     chunk_values: int = DEFAULT_CHUNK_VALUES,
+    fused: bool = False,
+    head_out: int = 64,
 ) -> int:
     """Peak bytes of activations in one forward of `runtime.dit.WanDiT` (weights, ring and
-    decode scratch not included), `tokens` per sample, `batch` samples per block call.
+    decode scratch not included), `tokens` per sample, `batch` samples per block call,
+    split as `ComputeSettings` says (attn_chunk_tokens, ffn_chunk_tokens,
+    attn_heads_per_chunk, chunk_values); `fused`: the norms, rope and residual adds run
+    as CUDA kernels, without temporaries; head_out = prod(patch) · out_dim.
 
-    With T = batch·tokens and e = dtype_bytes, the forward holds the float32 residual
-    stream x (4·T·dim) throughout; each phase of a block adds (as the code allocates):
-      self-attention   h, q, k, v and the attention output: 5·e·T·dim (h stays alive
-                       while the block's call into the attention runs); chunking by heads
-                       adds one chunk's result (it bounds only a kernel's own workspace)
-      cross-attention  LN3(x), q, the attention output, its reshaped copy, the
-                       projection: 4·e·T·dim
-      FFN              per chunk of c tokens: e·c·(dim + ffn_dim)
-      head             LN(x)·(1+scale)+shift in float32: 4·T·dim
-    block 0 also holds the bf16 patch tokens (e·T·dim) once x becomes float32; elementwise
-    work (norms in float32, rope in float64) runs over chunks of `chunk_values` values with
-    ELEMENTWISE_BYTES_PER_VALUE bytes of temporaries each; cross-attention adds the text
-    k/v (2·e·batch·text_len·dim); the text context (e·batch·text_len·dim) and the rope
-    table (complex128 [tokens, head_dim/2]) persist."""
+    With T = batch·tokens, e = dtype_bytes, c = the attention chunk and f = the FFN
+    chunk (each at most what it splits), the forward holds the float32 residual stream
+    x (4·T·dim) from the patch embedding on, the text context (e·batch·text_len·dim) and
+    the rope rotations (complex128 [tokens, head_dim/2]); each phase adds, as allocated:
+      patch embedding  one sample's Conv3d output (e·tokens·dim) while it is copied in
+      self-attention   one sample's keys and values (2·e·tokens·dim); per query chunk two
+                       [c, dim] tensors at a time (h and q, q and the attention output,
+                       that output and its projection); chunking by heads adds a chunk's
+                       result (it bounds only a kernel's own workspace)
+      cross-attention  the text keys and values of the batch (2·e·batch·text_len·dim);
+                       per chunk, as above
+      FFN              per chunk e·f·(dim + ffn_dim): its input, then its output, beside
+                       the hidden layer (GELU in place)
+      head             its output (4·T·head_out) and a chunk's float32 norm (4·c·dim; its
+                       chunks run over the batch's tokens: c = T when not split)
+    and, while a chunk's input is normed, the torch twins' temporaries
+    (ELEMENTWISE_BYTES_PER_VALUE per value of a `chunk_values` piece)."""
     T = batch * tokens
-    td = T * dim
     e = dtype_bytes
-    x = 4 * td
-    elementwise = ELEMENTWISE_BYTES_PER_VALUE * min(chunk_values, tokens * dim)
-    attn = 5 * e * td
-    if head_chunk is not None and head_chunk < heads:
-        attn += e * td * head_chunk / heads  # a chunk's result before it joins the output
-    self_attn = x + max(attn, 3 * e * td + elementwise)
+    c = tokens if attn_chunk is None else min(tokens, attn_chunk)
+    f = T if ffn_chunk is None else min(T, ffn_chunk)
+    x = 4 * T * dim
     text = e * batch * text_len * dim
-    # block 0 still holds the bf16 patch tokens; LN3(x), q, the output (and the text k/v
-    # during the attention, its reshaped copy and the projection after)
-    cross = x + e * td + max(4 * e * td, 3 * e * td + 2 * text)
-    c = T if ffn_chunk is None else min(T, ffn_chunk)
-    ffn = x + e * td + e * c * (dim + ffn_dim) + elementwise
-    head = x + 4 * td + elementwise
-    persistent = text + tokens * (dim // heads // 2) * 16
-    return max(self_attn, cross, ffn, head) + persistent
+    rope = tokens * (dim // heads // 2) * 16
+
+    def twins(rows: int) -> int:  # temporaries of an elementwise pass over `rows` tokens
+        return 0 if fused else ELEMENTWISE_BYTES_PER_VALUE * min(chunk_values, rows * dim)
+
+    # a chunk of attention: its input being normed (the twins' temporaries beside it),
+    # then two [c, dim] tensors at a time
+    pair = 2 * e * c * dim
+    if head_chunk is not None and head_chunk < heads:
+        pair += e * c * dim * head_chunk // heads  # a heads chunk's result before it joins the output
+    chunk = max(pair, e * c * dim + twins(c))
+    embed = e * tokens * dim
+    self_attn = 2 * e * tokens * dim + chunk
+    cross = 2 * text + chunk
+    ffn = max(e * f * (dim + ffn_dim), e * f * dim + twins(f))
+    h = T if attn_chunk is None else min(T, attn_chunk)  # the head's chunks run over the whole batch
+    head = 4 * T * head_out + 4 * h * dim + twins(h)
+    return x + max(embed, self_attn, cross, ffn, head) + text + rope
 
 
 def dit_flops_per_block(*, dim: int, ffn_dim: int, tokens: int, text_len: int, batch: int) -> float:
@@ -74,24 +102,37 @@ def dit_flops_per_block(*, dim: int, ffn_dim: int, tokens: int, text_len: int, b
     return 2.0 * batch * (linear + attention)
 
 
-# FFN chunks of this many tokens or more run their GEMMs as fast as the whole FFN.
-FREE_FFN_CHUNK = 16384
+# The chunks the planner starts from: measured to cost under 2% against whole samples
+# (runtime.dit's defaults). Each halving below them ranks one step costlier.
+FREE_ATTN_CHUNK = DEFAULT_ATTN_CHUNK_TOKENS
+FREE_FFN_CHUNK = DEFAULT_FFN_CHUNK_TOKENS
+SMALLEST_CHUNK = 512
 
 
-def dit_chunk_options(tokens: int, batch: int, heads: int) -> list[Chunks]:
-    """(ffn tokens, attention heads) worth trying: none, halvings of the FFN down to 1024
-    tokens, halvings of the heads."""
-    T = batch * tokens
-    ffn = [None] + [T >> k for k in range(1, 8) if (T >> k) >= 1024]
-    hd = [None] + [heads >> k for k in range(1, 6) if (heads >> k) >= 1]
-    return [(f, h) for f in ffn for h in hd]
+def _halvings(start: int, limit: int) -> list[int]:
+    """start, start/2, ... down to SMALLEST_CHUNK, none above `limit` (which stands for
+    every larger value: a chunk of a whole sample)."""
+    sizes = []
+    k = start
+    while k >= SMALLEST_CHUNK:
+        sizes.append(min(k, limit))
+        k //= 2
+    return sorted(set(sizes), reverse=True) or [limit]
+
+
+def dit_chunk_options(tokens: int, batch: int) -> list[Chunks]:
+    """Attention and FFN chunks worth trying: the free ones and their halvings."""
+    attn = _halvings(FREE_ATTN_CHUNK, tokens)
+    ffn = _halvings(FREE_FFN_CHUNK, batch * tokens)
+    return [Chunks(a, f) for a in attn for f in ffn]
 
 
 def dit_chunk_cost(option: Chunks) -> int:
-    """How much a chunking slows the forward, in rank: 0 free (none, or FFN chunks of
-    FREE_FFN_CHUNK tokens and more), 1 small FFN chunks, 2 attention by heads."""
-    ffn, heads = option
-    return 2 * (heads is not None) + (ffn is not None and ffn < FREE_FFN_CHUNK)
+    """How much a chunking slows the forward, in rank: the halvings below the free chunks."""
+    def steps(value: int | None, free: int) -> int:
+        return 0 if value is None or value >= free else (free // value).bit_length() - 1
+
+    return steps(option.attn, FREE_ATTN_CHUNK) + steps(option.ffn, FREE_FFN_CHUNK) + 2 * (option.heads is not None)
 
 
 def dit_scratch_bytes(dim: int, ffn_dim: int) -> int:

@@ -343,15 +343,12 @@ def attach(
 ) -> StreamEngine:
     """Make `model(...)` run on `device` per `plan`: the weights outside `model.<blocks>`
     move there once (except submodules named in `exclude`), the model's chunk settings
-    (`model.settings.ffn_chunk_tokens` / `attn_heads_per_chunk`, where it has them) are
-    set to the plan's, and the blocks stream. Returns the engine; `engine.close()` undoes
+    (`model.settings.attn_chunk_tokens` / `ffn_chunk_tokens` / `attn_heads_per_chunk`,
+    where it has them) are set to the plan's (`Plan.apply_chunks`), and the blocks stream. Returns the engine; `engine.close()` undoes
     the streaming and frees its memory. `host`: see StreamEngine."""
     settings = getattr(model, "settings", None)
     if settings is not None:
-        if hasattr(settings, "ffn_chunk_tokens"):
-            settings.ffn_chunk_tokens = plan.ffn_chunk
-        if hasattr(settings, "attn_heads_per_chunk"):
-            settings.attn_heads_per_chunk = plan.head_chunk
+        plan.apply_chunks(settings)
     move_outside_blocks(model, device, blocks, exclude)
     return StreamEngine(
         model.get_submodule(blocks), plan, source=source, prefix=blocks, device=device, progress=progress, host=host

@@ -53,8 +53,8 @@ class ExpertSet:
         self.blocks = blocks
         for n, p in self.plans.items():
             settings = getattr(self.models[n], "settings", None)
-            if settings is not None and hasattr(settings, "ffn_chunk_tokens"):
-                settings.ffn_chunk_tokens, settings.attn_heads_per_chunk = p.ffn_chunk, p.head_chunk
+            if settings is not None:
+                p.apply_chunks(settings)
         self.engines = {
             n: StreamEngine(
                 model.get_submodule(blocks), self.plans[n], source=source, prefix=blocks, device=self.device,

@@ -6,8 +6,9 @@
 
 A plan says which blocks stay resident on the GPU, how many ring slots stream the rest,
 where each block's host copy lives (pinned in RAM, or staged from the file when RAM is
-short) and which FFN token chunk / attention head chunk the model must use. What it
-promises is what the driver shows: the CUDA context and library kernels (measured), the
+short) and how the model must split its work (attention query chunk, FFN token chunk,
+attention head chunk; the engine sets them into the model's settings). What it promises
+is what the driver shows: the CUDA context and library kernels (measured), the
 weights outside the blocks, the decode scratch, the activation peak of the request (a
 formula in the model's sizes, `dit_activation_bytes`), workspaces and fragmentation.
 
@@ -27,6 +28,7 @@ from quant.ggml_types import GGMLType, parse_type, traits
 
 from .activations import (
     DEFAULT_CHUNK_VALUES,
+    Chunks,
     dit_activation_bytes,
     dit_chunk_cost,
     dit_chunk_options,
@@ -250,6 +252,19 @@ class Plan:
     head_chunk: int | None = None  # heads per attention chunk (None: all at once)
     title: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    attn_chunk: int | None = None  # queries per attention call, one sample at a time (None: a whole sample)
+
+    @property
+    def chunks(self) -> Chunks:
+        return Chunks(self.attn_chunk, self.ffn_chunk, self.head_chunk)
+
+    def apply_chunks(self, settings) -> None:
+        """Make a model's settings (runtime.dit.ComputeSettings) split its work as the
+        activation estimate of this plan assumed; settings without such fields are left."""
+        for name, value in (("attn_chunk_tokens", self.attn_chunk), ("ffn_chunk_tokens", self.ffn_chunk),
+                            ("attn_heads_per_chunk", self.head_chunk)):
+            if hasattr(settings, name):
+                setattr(settings, name, value)
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -263,8 +278,9 @@ class Plan:
         n_pinned = sum(1 for i in self.streamed if self.host[i] == PINNED)
         n_staged = sum(1 for i in self.streamed if self.host[i] == STAGED)
         chunks = ", ".join(
-            [f"FFN {self.ffn_chunk:,} tokens at a time" if self.ffn_chunk else "FFN whole"]
-            + [f"attention {self.head_chunk} heads at a time" if self.head_chunk else "attention all heads"]
+            [f"attention {self.attn_chunk:,} queries at a time" if self.attn_chunk else "attention whole samples"]
+            + [f"FFN {self.ffn_chunk:,} tokens at a time" if self.ffn_chunk else "FFN whole"]
+            + ([f"{self.head_chunk} heads at a time"] if self.head_chunk else [])
         )
         ring = f"{self.ring_slots} slots × {self.slot_bytes / MiB:.0f} MiB" if self.ring_slots else "none"
         lines = [
@@ -319,7 +335,7 @@ def plan_blocks(
     weights: BlockWeights,
     *,
     activation: Callable[[int | None, int | None], int],
-    chunk_options: Sequence[Chunks] = ((None, None),),
+    chunk_options: Sequence[tuple[int | None, int | None]] = ((None, None),),
     flops_per_block: float | None = None,
     scratch_bytes: int = 0,
     vram="auto",
@@ -332,8 +348,9 @@ def plan_blocks(
 ) -> Plan:
     """Plan any module of equal-ish blocks.
 
-    activation(ffn_chunk, head_chunk) -> bytes of the activation peak; chunk_options are
-    tried in order (cheapest first) and the first that fits is used.
+    activation(ffn_chunk, head_chunk) -> bytes of the activation peak; chunk_options,
+    (ffn_chunk, head_chunk) pairs, are tried in order (cheapest first) and the first that
+    fits is used.
     flops_per_block: compute of one block per forward, to decide how many blocks must stay
     resident so that copies hide behind compute (resident="auto"); "max" keeps as many as
     fit, an int asks for that many (as far as they fit).
@@ -342,9 +359,10 @@ def plan_blocks(
     from .budget import parse_memory
 
     vram, ram = parse_memory(vram, "--vram"), parse_memory(ram, "--ram")
+    options = [Chunks(None, ffn, heads) for ffn, heads in chunk_options]
     return _plan(
-        weights, activation, chunk_options, flops_per_block, scratch_bytes, vram, ram, _device_info(device, vram),
-        prefetch_depth, staging_slots, resident, title,
+        weights, lambda o: activation(o.ffn, o.heads), options, flops_per_block, scratch_bytes, vram, ram,
+        _device_info(device, vram), prefetch_depth, staging_slots, resident, title,
     )
 
 
@@ -352,7 +370,8 @@ def _plan(
     weights, activation, chunk_options, flops_per_block, scratch_bytes, vram, ram, info: DeviceInfo,
     prefetch_depth, staging_slots, resident, title,
 ) -> Plan:
-    """plan_blocks with the budgets parsed (AUTO or bytes) and the device measured."""
+    """plan_blocks with the budgets parsed (AUTO or bytes) and the device measured;
+    activation(Chunks) -> bytes, chunk_options: Chunks."""
     room = info.room(vram)
     n = len(weights.block_bytes)
     sizes = weights.block_bytes
@@ -369,13 +388,13 @@ def _plan(
     min_slots = min(2, n)
     chosen = None
     best = None
-    for ffn_chunk, head_chunk in chunk_options:
-        act = activation(ffn_chunk, head_chunk)
+    for option in chunk_options:
+        act = activation(option)
         need = device_budget(act, (), min_slots, weights.largest)
         if best is None or need.allocator_peak < best[1].allocator_peak:
-            best = ((ffn_chunk, head_chunk), need)
+            best = (option, need)
         if need.allocator_peak <= room:
-            chosen = ((ffn_chunk, head_chunk), act)
+            chosen = (option, act)
             break
     if chosen is None:
         need = best[1]
@@ -384,7 +403,7 @@ def _plan(
             f"needs {need.driver_peak / GiB:.1f} GiB of GPU memory; the budget is {budget / GiB:.1f} GiB",
             need.driver_peak, budget,
         )
-    (ffn_chunk, head_chunk), act = chosen
+    option, act = chosen
     base = device_budget(act, (), 0, 0).allocator_peak
 
     # 2. residency: everything if it fits, else what the policy asks within what fits
@@ -458,11 +477,23 @@ def _plan(
         n_blocks=n, resident=res, ring_slots=slots, slot_bytes=slot_bytes, host=tuple(host),
         staging_slots=staging_slots if staging else 0, device=dev,
         ram=HostBudget(ram_budget, pinned, staging, transient),
-        ffn_chunk=ffn_chunk, head_chunk=head_chunk, title=title, notes=tuple(notes),
+        ffn_chunk=option.ffn, head_chunk=option.heads, attn_chunk=option.attn, title=title, notes=tuple(notes),
     )
 
 
 # -- the Wan DiT ----------------------------------------------------------------------------
+
+
+def fused_kernels_ready() -> bool:
+    """Whether a DiT on the CUDA device runs its norms, rope and residual adds as the
+    fused kernels (runtime/fused.py), which keep no temporaries."""
+    if not torch.cuda.is_available():
+        return False
+    from quant import _native
+
+    from .. import fused
+
+    return fused.enabled() and _native.cuda_ready()
 
 
 def plan_dit(
@@ -477,19 +508,25 @@ def plan_dit(
     staging_slots: int = 2,
     resident: str | int = "auto",
     chunk_values: int = DEFAULT_CHUNK_VALUES,
+    fused: bool | None = None,
 ) -> Plan:
     """Plan one Wan DiT expert (`config` a runtime.dit_config.DiTConfig) for `request`.
-    Raises PlanError, with computed ways out, when it cannot fit."""
+    `fused`: whether the block's norms, rope and residual adds run as CUDA kernels
+    (None: as they will in this process on a CUDA device). Raises PlanError, with
+    computed ways out, when it cannot fit."""
     e = torch.empty((), dtype=request.dtype).element_size()
+    if fused is None:
+        fused = fused_kernels_ready()
 
     def attempt(req: Request, w: BlockWeights) -> Plan:
         tokens = req.tokens(config.patch_size)
         if tokens < 1:
             raise ValueError(f"{req.describe()} gives no tokens; the smallest size is 16×16×1")
-        act = lambda f, h: dit_activation_bytes(  # noqa: E731
+        act = lambda o: dit_activation_bytes(  # noqa: E731
             dim=config.dim, ffn_dim=config.ffn_dim, heads=config.num_heads, tokens=tokens,
-            text_len=config.text_len, batch=req.batch, dtype_bytes=e, ffn_chunk=f, head_chunk=h,
-            chunk_values=chunk_values,
+            text_len=config.text_len, batch=req.batch, dtype_bytes=e, attn_chunk=o.attn, ffn_chunk=o.ffn,
+            head_chunk=o.heads, chunk_values=chunk_values, fused=fused,
+            head_out=math.prod(config.patch_size) * config.out_dim,
         )
         flops = dit_flops_per_block(
             dim=config.dim, ffn_dim=config.ffn_dim, tokens=tokens, text_len=config.text_len, batch=req.batch
@@ -499,7 +536,7 @@ def plan_dit(
             f"{len(w.block_bytes)} blocks of {w.largest / MiB:.0f} MiB {w.label}".rstrip()
         )
         # the cheapest chunking first, and among equally cheap ones the leanest
-        options = sorted(dit_chunk_options(tokens, req.batch, config.num_heads), key=lambda o: (dit_chunk_cost(o), act(*o)))
+        options = sorted(dit_chunk_options(tokens, req.batch), key=lambda o: (dit_chunk_cost(o), act(o)))
         return _plan(
             w, act, options, flops,
             dit_scratch_bytes(config.dim, config.ffn_dim), vram, ram, info, prefetch_depth, staging_slots, resident,
@@ -602,7 +639,7 @@ def plan_t5(
             f"{weights.largest / MiB:.0f} MiB {weights.label}".rstrip()
     try:
         return _plan(
-            weights, lambda f, h: act, ((None, None),), flops, 0, vram, ram, _device_info(device, vram),
+            weights, lambda o: act, (Chunks(),), flops, 0, vram, ram, _device_info(device, vram),
             prefetch_depth, staging_slots, resident, title,
         )
     except PlanError as err:
