@@ -15,11 +15,16 @@ that run's own):
   tensor, then fsync (ours syncs too), with a timer around each stage.
 
 All three files must be byte-identical (checked). Reported: CPU seconds per GB of
-source per stage (user + system, every thread: independent of how busy the machine
-is), wall GB/s of source with the load average at the time, peak RSS above the largest
-tensor, and ratios to gguf-py measured in this run: "quantizer only" (bf16 tensor in
-memory -> blocks in memory: ours `tensor_bytes`, theirs float32 widening + quantize)
-and "end to end" (source file in the page cache -> synced GGUF file).
+source per stage (user + system, every thread: nearly independent of how busy the
+machine is), wall GB/s of source with the load average and the cores other processes
+kept busy during the run, peak RSS above the largest tensor, and ratios to gguf-py
+measured in this run: "quantizer only" (bf16 tensor in memory -> blocks in memory:
+ours `tensor_bytes` on every core, theirs float32 widening + `gguf.quants.quantize`,
+which numpy runs on one) and "end to end" (source file in the page cache -> synced GGUF
+file). Before each run the source is read once more (its CPU cost is recorded): on a
+virtual machine, memory untouched for a while can cost ~1 CPU-s/GB to touch again,
+which would otherwise land on whichever run comes first. Our converter runs
+`--repeat` times; the median run is shown.
 
     python bench/convert.py [--blocks 6] [--types q8_0,q4_0] [--dir DIR] [--out bench-convert.json]
 """
@@ -396,10 +401,12 @@ def print_tables(results: dict) -> None:
                   f"{r['peak_rss_above_largest_gb']:8.2f} GB {r['load_before']:4.1f}/{r['load_after']:<4.1f} "
                   f"{r['others_cores']:6.2f} {same:>4}")
     if any("x_quantizer_wall" in run for run in results["runs"]):
-        print("ours vs gguf-py, same tensors, same run (x = how many times faster; wall, and CPU seconds):")
-        print("  quantizer only: bf16 tensor in memory -> blocks in memory (theirs: float32 widening + gguf.quants)")
-        print("  end to end: safetensors in the page cache -> synced GGUF (ours pipelined; theirs safe_open + "
-              "gguf.GGUFWriter)")
+        print("ours vs gguf-py, same tensors, same run (x = how many times faster; in wall seconds, and in CPU "
+              "seconds, which do not depend on the cores free)")
+        print("  quantizer only: bf16 tensor in memory -> blocks in memory (ours: tensor_bytes, every core; theirs: "
+              "float32 widening + gguf.quants.quantize, one core)")
+        print("  end to end: safetensors in the page cache -> synced GGUF (ours: convert(), pipelined; theirs: "
+              "safe_open + widening + quantize + gguf.GGUFWriter + fsync)")
         print(f"{'type':<5} {'quantizer wall':>14} {'quantizer CPU':>13} {'e2e wall':>9} {'e2e CPU':>8}")
         for run in results["runs"]:
             if "x_quantizer_wall" in run:

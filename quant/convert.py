@@ -191,8 +191,8 @@ def _stream(ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions,
             progress: Callable[[int], None] | None) -> TensorStream:
     """The pipeline that reads, encodes and hands each tensor to the writer in pieces."""
     hooks = options.weight_hooks
-    # Every core for the codec: reading and writing mostly wait on memory and the disk
-    # (a tenth of the codec's CPU time), so the codec is what the cores are needed for.
+    # By default the codec gets every core: the reader and the writer mostly wait on
+    # the disk and on memory copies, so the codec is what needs the cores.
     threads = options.threads
 
     def read_whole(plan: TensorPlan) -> torch.Tensor:
