@@ -19,10 +19,26 @@ one forward against the official figure on the same GPU (3.88 s and 40.9 GiB pea
 bf16 weights and cuDNN SDPA). Targets: q8_0 block <= 1.05x bf16; the expert faster than
 the official forward with at most half its memory.
 
+Part 3 (--chunks), the block's token chunks: one q8_0 block at each resolution and CFG
+batch under each (attention queries : FFN tokens) chunking, "-" for a whole sample (or
+batch); the first chunking is the reference. Reported: median time and its ratio to
+the reference, the activation peak beside the planner's estimate
+(runtime.stream.activations), and whether the output equals the reference's bit for bit.
+
+Part 4 (--memory), the planner's activation estimate against a forward: a full-size
+expert cut to --memory-layers blocks (activations do not grow with depth) with q8_0
+weights, at each resolution with CFG batch 1 and 2, the allocator's peak (allocated
+and reserved) over what the weights and decode scratch hold, beside the estimate.
+
 Every case first checks that its estimated memory fits what the device has free (with a
 margin) and is skipped otherwise; an out-of-memory error skips that case too.
 """
 from __future__ import annotations
+
+import os
+
+# As the CLI runs: expandable segments keep the allocator's reserve near its peak.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse
 import gc
@@ -46,6 +62,8 @@ from runtime.dit import Block, BlockInputs, ComputeSettings, Segment, TimeEmbedd
 from runtime.dit_config import DiTConfig  # noqa: E402
 from runtime.qlinear import QLinear, ScratchPool, attach_scratch  # noqa: E402
 from runtime.rope import RopeTable  # noqa: E402
+from runtime.stream.activations import dit_activation_bytes, dit_activation_phases  # noqa: E402
+from runtime.stream.plan import fused_kernels_ready  # noqa: E402
 
 GIB = 1024**3
 # The official WanModel forward on the lent H200 at 832x480x81 (32,760 tokens), bf16
@@ -235,28 +253,48 @@ def attention_agreement(tokens: int, head_dim: int, device, heads: int = 4) -> f
 # ---- part 1: one block -------------------------------------------------------------------
 
 
-def bench_block(size: Size, kind: str, res: str, batch: int, device, runs: int, warmup: int, attention: str) -> dict:
+def make_block(size: Size, kind: str, res: str, batch: int, device, settings: ComputeSettings):
+    """A block with random `kind` weights, its inputs (x0 [B, S, dim] float32, one
+    timestep, random text context) and the BlockInputs for `settings`."""
     cfg = size.config
     grid = size.grids[res]
     tokens = math.prod(grid)
-    row = {"part": "block", "kind": kind, "resolution": res, "tokens": tokens, "cfg_batch": batch}
-    need = activation_estimate(cfg, tokens, batch) + 0.8 * GIB * (cfg.dim / 5120) ** 2
-    ok, why = fits(device, need)
-    if not ok:
-        return {**row, "skipped": why}
     gen = torch.Generator(device=device).manual_seed(0)
     block = Block(cfg, device="meta")
     fill(block, kind, device, gen)
     pool = ScratchPool(limit_bytes=max(cfg.dim * cfg.dim, cfg.dim * cfg.ffn_dim) * 2)
     attach_scratch(block, pool)
-    settings = ComputeSettings(dtype=torch.bfloat16, attention=attention)
     d = cfg.dim
     x0 = torch.randn(batch, tokens, d, device=device, generator=gen)
     e0 = 0.1 * torch.randn(1, 6, d, device=device, generator=gen)
     time_emb = TimeEmbedding(torch.zeros(1, d, device=device), e0, [Segment(0, batch * tokens, 0)])
     context = torch.randn(batch, 512, d, device=device, generator=gen, dtype=torch.bfloat16)
     rope = [RopeTable(cfg.head_dim, device).for_grid(*grid)] * batch
-    ctx = BlockInputs(time_emb, context, [tokens] * batch, rope, settings)
+    return block, x0, BlockInputs(time_emb, context, [tokens] * batch, rope, settings)
+
+
+def block_estimate(cfg: DiTConfig, tokens: int, batch: int, settings: ComputeSettings, device) -> int:
+    """The planner's bytes for one block call on top of x, the context and the rope: its
+    largest phase."""
+    phases = dit_activation_phases(
+        dim=cfg.dim, ffn_dim=cfg.ffn_dim, heads=cfg.num_heads, tokens=tokens, text_len=cfg.text_len, batch=batch,
+        dtype_bytes=2, attn_chunk=settings.attn_chunk_tokens, ffn_chunk=settings.ffn_chunk_tokens,
+        head_chunk=settings.attn_heads_per_chunk, chunk_values=settings.chunk_values,
+        fused=device.type == "cuda" and fused_kernels_ready(), head_out=cfg.patch_numel * cfg.out_dim,
+    )
+    return max(phases["self_attention"], phases["cross_attention"], phases["ffn"])
+
+
+def bench_block(size: Size, kind: str, res: str, batch: int, device, runs: int, warmup: int, attention: str) -> dict:
+    cfg = size.config
+    tokens = math.prod(size.grids[res])
+    row = {"part": "block", "kind": kind, "resolution": res, "tokens": tokens, "cfg_batch": batch}
+    need = activation_estimate(cfg, tokens, batch) + 0.8 * GIB * (cfg.dim / 5120) ** 2
+    ok, why = fits(device, need)
+    if not ok:
+        return {**row, "skipped": why}
+    settings = ComputeSettings(dtype=torch.bfloat16, attention=attention)
+    block, x0, ctx = make_block(size, kind, res, batch, device, settings)
     x = x0.clone()
     clock = Clock(device)
     try:
@@ -289,6 +327,126 @@ def bench_block(size: Size, kind: str, res: str, batch: int, device, runs: int, 
     )
     if mem:
         row["activation_peak_gib"] = mem["allocated_peak_gib"] - base / GIB
+        row["activation_estimate_gib"] = block_estimate(cfg, tokens, batch, settings, device) / GIB
+    return row
+
+
+# ---- part 3: token chunks ------------------------------------------------------------------
+
+
+def parse_chunks(text: str) -> list[tuple[int | None, int | None]]:
+    """"-:-,8192:16384,..." -> [(None, None), (8192, 16384), ...] (attention : FFN)."""
+    out = []
+    for item in text.split(","):
+        a, f = item.split(":")
+        out.append(tuple(None if v.strip() == "-" else int(v) for v in (a, f)))
+    return out
+
+
+# Whole samples first (the reference), the defaults, then each chunk alone around them.
+SWEEP = "-:-,8192:16384,16384:16384,4096:16384,2048:16384,8192:32768,8192:8192,8192:4096,8192:-"
+
+
+def bench_chunks(size: Size, kind: str, res: str, batch: int, device, runs: int, warmup: int, attention: str,
+                 chunkings: list) -> list[dict]:
+    cfg = size.config
+    tokens = math.prod(size.grids[res])
+    base_row = {"part": "chunks", "kind": kind, "resolution": res, "tokens": tokens, "cfg_batch": batch}
+    need = activation_estimate(cfg, tokens, batch) + 0.8 * GIB * (cfg.dim / 5120) ** 2
+    ok, why = fits(device, need)
+    if not ok:
+        return [{**base_row, "skipped": why}]
+    settings = ComputeSettings(dtype=torch.bfloat16, attention=attention)
+    block, x0, ctx = make_block(size, kind, res, batch, device, settings)
+    x = x0.clone()
+    clock = Clock(device)
+    rows, reference, ref_seconds = [], None, None
+    try:
+        for attn, ffn in chunkings:
+            settings.attn_chunk_tokens, settings.ffn_chunk_tokens = attn, ffn
+            row = {**base_row, "attn_chunk": attn, "ffn_chunk": ffn}
+            try:
+                x.copy_(x0)
+                block(x, ctx)  # warm-up; decode scratch allocated
+                release()
+                base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                times = clock.time(lambda: block(x, ctx), runs, warmup, before=lambda: x.copy_(x0))
+                mem = memory_snapshot(device)
+                x.copy_(x0)
+                out = block(x, ctx)
+            except torch.cuda.OutOfMemoryError as e:
+                rows.append({**row, "skipped": f"out of memory: {str(e).splitlines()[0]}"})
+                release()
+                continue
+            seconds = statistics.median(times)
+            if reference is None:
+                reference, ref_seconds = out.clone(), seconds
+            row.update(
+                seconds=seconds, all_seconds=times, vs_reference=seconds / ref_seconds,
+                tflops=block_flops(cfg, tokens, batch) / seconds / 1e12,
+                equal_to_reference=bool(torch.equal(out, reference)),
+                max_abs_to_reference=float((out - reference).abs().max()),
+                activation_estimate_gib=block_estimate(cfg, tokens, batch, settings, device) / GIB,
+            )
+            if mem:
+                row["activation_peak_gib"] = mem["allocated_peak_gib"] - base / GIB
+                row["reserved_peak_gib"] = mem["reserved_peak_gib"]
+            rows.append(row)
+            print(f"chunks {res} cfg {batch} {attn}:{ffn}: {seconds * 1e3:.1f} ms ({row['vs_reference']:.3f}), "
+                  f"equal {row['equal_to_reference']}", file=sys.stderr, flush=True)
+    finally:
+        del x, x0, block, reference
+        release()
+    return rows
+
+
+# ---- part 4: the activation estimate against a forward ------------------------------------
+
+
+def bench_memory(size: Size, res: str, batch: int, layers: int, device, attention: str, attn_chunk: int | None) -> dict:
+    from dataclasses import replace
+
+    cfg = replace(size.config, num_layers=layers)
+    f, h, w = size.grids[res]
+    tokens = f * h * w
+    row = {"part": "memory", "kind": "q8_0", "resolution": res, "tokens": tokens, "cfg_batch": batch, "blocks": layers,
+           "attn_chunk": attn_chunk}
+    settings = ComputeSettings(dtype=torch.bfloat16, attention=attention, attn_chunk_tokens=attn_chunk)
+    estimate = dit_activation_bytes(
+        dim=cfg.dim, ffn_dim=cfg.ffn_dim, heads=cfg.num_heads, tokens=tokens, text_len=cfg.text_len, batch=batch,
+        dtype_bytes=2, attn_chunk=settings.attn_chunk_tokens, ffn_chunk=settings.ffn_chunk_tokens,
+        fused=device.type == "cuda" and fused_kernels_ready(), head_out=cfg.patch_numel * cfg.out_dim,
+    )
+    ok, why = fits(device, estimate + 3 * GIB * (cfg.dim / 5120) ** 2)
+    if not ok:
+        return {**row, "skipped": why}
+    gen = torch.Generator(device=device).manual_seed(0)
+    model = WanDiT(cfg, settings, device="meta")
+    fill(model, "q8_0", device, gen)
+    in_ch = cfg.in_dim - cfg.out_dim
+    x = [torch.randn(cfg.out_dim, f, 2 * h, 2 * w, device=device, generator=gen) for _ in range(batch)]
+    y = [torch.randn(in_ch, f, 2 * h, 2 * w, device=device, generator=gen) for _ in range(batch)]
+    context = [torch.randn(n, cfg.text_dim, device=device, generator=gen, dtype=torch.bfloat16)
+               for n in (size.text_tokens, size.text_tokens // 3 + 1)[:batch]]
+    t = torch.full((batch,), 900.0, device=device)
+    try:
+        with torch.no_grad():
+            small = [u[:, :1, :2, :2] for u in x], t, context, 1
+            model(*small, y=[u[:, :1, :2, :2] for u in y])  # the decode scratch and kernels, once
+            release()
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            base_reserved = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+            model(x, t, context, tokens, y=y)
+            mem = memory_snapshot(device)
+    except torch.cuda.OutOfMemoryError as e:
+        return {**row, "skipped": f"out of memory: {str(e).splitlines()[0]}"}
+    finally:
+        del model
+        release()
+    row.update(activation_estimate_gib=estimate / GIB)
+    if mem:
+        row["activation_peak_gib"] = mem["allocated_peak_gib"] - base / GIB
+        row["reserved_growth_gib"] = mem["reserved_peak_gib"] - base_reserved / GIB
     return row
 
 
@@ -353,6 +511,8 @@ def table(rows: list[dict]) -> str:
             f"{'decode GB/s':>12}{'alloc GiB':>10}{'act GiB':>9}{'resv GiB':>9}{'driver GiB':>11}  attention")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r["part"] in ("chunks", "memory"):
+            continue
         if "skipped" in r:
             lines.append(f"{r['part']:<7}{r['kind']:<6}{r['resolution']:<6}{r['tokens']:>8}{r['cfg_batch']:>4}  skipped: {r['skipped']}")
             continue
@@ -374,6 +534,44 @@ def table(rows: list[dict]) -> str:
     if q8:
         worst = max(r["vs_bf16"] for r in q8)
         lines.append(f"q8_0 block vs bf16: worst {worst:.3f}x (target <= 1.05x)")
+    blocks = [r for r in rows if r["part"] == "block" and "activation_estimate_gib" in r]
+    for r in blocks:
+        lines.append(f"block {r['kind']} {r['resolution']} cfg {r['cfg_batch']}: activations measured "
+                     f"{r['activation_peak_gib']:.2f} GiB, estimated {r['activation_estimate_gib']:.2f} GiB")
+    return "\n".join(lines)
+
+
+def chunk_table(rows: list[dict]) -> str:
+    head = (f"{'kind':<6}{'res':<6}{'cfg':>4}{'attn':>7}{'ffn':>7}{'ms':>9}{'vs whole':>9}{'TFLOP/s':>9}"
+            f"{'act GiB':>9}{'est GiB':>9}{'resv GiB':>9}  output")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['kind']:<6}{r['resolution']:<6}{r['cfg_batch']:>4}  skipped: {r['skipped']}")
+            continue
+        same = "= whole" if r["equal_to_reference"] else f"max |diff| {r['max_abs_to_reference']:.2e}"
+        lines.append(
+            f"{r['kind']:<6}{r['resolution']:<6}{r['cfg_batch']:>4}{fmt(r['attn_chunk'], 'd'):>7}"
+            f"{fmt(r['ffn_chunk'], 'd'):>7}{r['seconds'] * 1e3:>9.1f}{r['vs_reference']:>9.3f}{r['tflops']:>9.0f}"
+            f"{fmt(r.get('activation_peak_gib'), '.2f'):>9}{r['activation_estimate_gib']:>9.2f}"
+            f"{fmt(r.get('reserved_peak_gib'), '.2f'):>9}  {same}"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(rows: list[dict]) -> str:
+    head = f"{'res':<6}{'tokens':>8}{'cfg':>4}{'attn':>7}{'measured GiB':>14}{'reserved +GiB':>15}{'estimate GiB':>14}{'meas/est':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['resolution']:<6}{r['tokens']:>8}{r['cfg_batch']:>4}  skipped: {r['skipped']}")
+            continue
+        meas = r.get("activation_peak_gib")
+        lines.append(
+            f"{r['resolution']:<6}{r['tokens']:>8}{r['cfg_batch']:>4}{fmt(r['attn_chunk'], 'd'):>7}{fmt(meas, '.2f'):>14}"
+            f"{fmt(r.get('reserved_growth_gib'), '.2f'):>15}{r['activation_estimate_gib']:>14.2f}"
+            f"{fmt(None if meas is None else meas / r['activation_estimate_gib'], '.3f'):>10}"
+        )
     return "\n".join(lines)
 
 
@@ -388,6 +586,10 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default=None, help="sdpa (default) or sage")
+    p.add_argument("--chunks", default="", help=f"part 3: 'sweep' ({SWEEP}) or such a list; '' skips it")
+    p.add_argument("--chunk-kinds", default="q8_0", help="weight kinds of part 3")
+    p.add_argument("--memory", action="store_true", help="part 4: the activation estimate against forwards")
+    p.add_argument("--memory-layers", type=int, default=2, help="blocks of the expert in part 4")
     p.add_argument("--out", default="bench-dit.json")
     args = p.parse_args(argv)
 
@@ -410,10 +612,29 @@ def main(argv=None) -> int:
         r = bench_expert(size, kind, device, max(1, args.runs // 2), 1, attention)
         print(f"expert {kind}: {r.get('seconds', r.get('skipped'))}", file=sys.stderr, flush=True)
         rows.append(r)
+    resolutions = [r for r in args.resolutions.split(",") if r]
+    if args.chunks:
+        chunkings = parse_chunks(SWEEP if args.chunks == "sweep" else args.chunks)
+        for res in resolutions:
+            for batch in [int(b) for b in args.cfg.split(",") if b]:
+                for kind in [k for k in args.chunk_kinds.split(",") if k]:
+                    rows += bench_chunks(size, kind, res, batch, device, args.runs, args.warmup, attention, chunkings)
+    if args.memory:
+        for res in resolutions:
+            for batch in (1, 2):
+                for attn_chunk in (None, 8192 if size is FULL else 16):  # whole samples, query chunks
+                    r = bench_memory(size, res, batch, args.memory_layers, device, attention, attn_chunk)
+                    print(f"memory {res} cfg {batch} attention chunk {attn_chunk}: "
+                          f"{r.get('activation_peak_gib', r.get('skipped'))}", file=sys.stderr, flush=True)
+                    rows.append(r)
     ratios_to_bf16(rows)
     Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     print(f"{info['device']}, torch {info['torch']}, {size.name} sizes; JSON: {args.out}")
     print(table(rows))
+    if any(r["part"] == "chunks" for r in rows):
+        print(chunk_table([r for r in rows if r["part"] == "chunks"]))
+    if any(r["part"] == "memory" for r in rows):
+        print(memory_table([r for r in rows if r["part"] == "memory"]))
     return 0
 
 

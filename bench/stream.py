@@ -368,7 +368,7 @@ class Bench:
                 "resident": len(plan.resident), "streamed": len(plan.streamed), "ring_slots": plan.ring_slots,
                 "slot_bytes": plan.slot_bytes, "pinned_blocks": sum(1 for i in plan.streamed if plan.host[i] == "pinned"),
                 "staged_blocks": sum(1 for i in plan.streamed if plan.host[i] == "staged"),
-                "ffn_chunk": plan.ffn_chunk, "head_chunk": plan.head_chunk,
+                "attn_chunk": plan.attn_chunk, "ffn_chunk": plan.ffn_chunk, "head_chunk": plan.head_chunk,
             },
             predicted={"driver_peak": plan.device.driver_peak, "allocator_peak": plan.device.allocator_peak,
                        "activations": plan.device.activations},
@@ -500,8 +500,8 @@ def line(run: Run) -> str:
 
 
 def table(all_runs: list[Run]) -> str:
-    head = ("run", "plan res/str/slots", "time s", "eff", "TFLOP/s", "H2D GB/s", "alloc", "reserved", "driver",
-            "pred", "act m/p", "RSS", "pinned")
+    head = ("run", "plan res/str/slots", "chunks", "time s", "eff", "TFLOP/s", "H2D GB/s", "alloc", "reserved",
+            "driver", "pred", "act m/p", "RSS", "pinned")
     rows = [head]
     for run in all_runs:
         r = run.result
@@ -509,7 +509,7 @@ def table(all_runs: list[Run]) -> str:
             continue
         if run.experts:
             tl = r.get("timeline", [])
-            rows.append((run.name, "swap high->low", "/".join(f"{t['forward_seconds']:.2f}" for t in tl) or "-",
+            rows.append((run.name, "swap high->low", "-", "/".join(f"{t['forward_seconds']:.2f}" for t in tl) or "-",
                          "-", "-", "-", "-", "-", "-", "-", "-", g(r.get("host_rss_peak")), "-"))
             continue
         if "best_seconds" not in r:
@@ -518,9 +518,10 @@ def table(all_runs: list[Run]) -> str:
             continue
         p = r["plan"]
         act = r.get("activations_measured")
+        chunks = "/".join("-" if v is None else str(v) for v in (p.get("attn_chunk"), p["ffn_chunk"]))
         rows.append((
             run.name, f"{p['resident']}/{p['streamed']}/{p['ring_slots']}" + (f" {p['staged_blocks']} staged" if p["staged_blocks"] else ""),
-            f"{r['best_seconds']:.2f}", f"{r['efficiency']:.3f}" if "efficiency" in r else "-", f"{r['tflops']:.0f}",
+            chunks, f"{r['best_seconds']:.2f}", f"{r['efficiency']:.3f}" if "efficiency" in r else "-", f"{r['tflops']:.0f}",
             f"{r['h2d_gbps']:.1f}", g(r.get("alloc_peak")), g(r.get("reserved_peak")), g(r.get("driver_peak")),
             g(r["predicted"]["driver_peak"]), f"{act / r['predicted']['activations']:.2f}" if act else "-",
             g(r["host_rss_peak"]), g(r["pinned_bytes"]),
@@ -553,16 +554,19 @@ def main(argv=None) -> int:
     for quant in QUANTS:
         if any(r.quant == quant or r.experts for r in todo):
             bench.file(quant)
+    def save() -> None:  # after every run: a cut-short session keeps what it measured
+        if args.out:
+            done = [{"name": r.name, **r.result} for r in todo if r.result]
+            Path(args.out).write_text(json.dumps({"info": info, "runs": done}, indent=1, default=str))
+
     for run in todo:
         if run.disk or run.experts:
             bench.release_stores()
         bench.execute(run)
+        save()
     bench.release_stores()
     print()
     print(table(todo))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"info": info, "runs": [{"name": r.name, **r.result} for r in todo]},
-                                             indent=1, default=str))
     return 0 if all("error" not in r.result for r in todo) else 1
 
 

@@ -48,10 +48,10 @@ from .rope import RopeTable
 # about this many values, so its temporaries stay small next to the activations.
 DEFAULT_CHUNK_VALUES = 1 << 23
 
-# Token chunks of these sizes keep the GEMMs and cuDNN attention at full speed (an A14B
-# block at 480p and 720p on an H200, bench/dit.py --chunks) while the chunks' working
-# set stays small next to the residual stream and one sample's keys and values.
-DEFAULT_ATTN_CHUNK_TOKENS = 8192
+# FFN chunks of this many tokens run as fast as the whole FFN (an A14B block at 480p and
+# 720p on an H200, bench/dit.py --chunks) and hold a small part of its hidden layer.
+# Attention is split only when memory asks for it (the planner): whole samples are the
+# fastest, query chunks of 16384 cost about 1%, of 8192 2-4%.
 DEFAULT_FFN_CHUNK_TOKENS = 16384
 
 # Beyond this many runs of equal timesteps per sample, per-token tables are gathered
@@ -68,7 +68,7 @@ class ComputeSettings:
     # Queries per attention call (self and cross, one sample at a time); also the token
     # chunk of the keys/values, the norms before the projections and the head. None: a
     # whole sample at once.
-    attn_chunk_tokens: int | None = DEFAULT_ATTN_CHUNK_TOKENS
+    attn_chunk_tokens: int | None = None
     ffn_chunk_tokens: int | None = DEFAULT_FFN_CHUNK_TOKENS  # FFN tokens at a time (None: all)
     attn_heads_per_chunk: int | None = None  # run attention over this many heads at a time
     chunk_values: int = DEFAULT_CHUNK_VALUES  # elementwise work per chunk (values)
@@ -588,6 +588,7 @@ class WanDiT(nn.Module):
             if n > seq_len:
                 raise ValueError(f"sample {i} has {n} tokens, more than seq_len {seq_len}")
             tokens[i, :n] = p.flatten(2).transpose(1, 2)[0]
+            del p  # before the next sample's convolution
             grids.append(grid)
         return tokens, grids
 

@@ -279,3 +279,31 @@ def test_t5_activation_formula_matches_a_measured_forward():
         dtype_bytes=2,
     )
     assert 0.97 <= predicted / mode.peak <= 1.2, (predicted, mode.peak)
+
+
+def test_attention_is_split_only_when_memory_asks(a14b):
+    """Whole samples when they fit (the fastest), query chunks under a tighter budget;
+    the chunks the estimate assumed are what the model is set to run."""
+    config, weights, _ = a14b
+    req = Request(1280, 720, 81)
+    w = weights["q8_0"]
+    roomy = plan_dit(config, req, weights=w, vram=4096, ram=64, device=device(4096))
+    assert roomy.attn_chunk is None
+    least = budgets(config, w, req)[0]
+    tight = plan_dit(config, req, weights=w, vram=f"{least}B", ram=64, device=device(4096))
+    assert tight.attn_chunk is not None and tight.attn_chunk < req.tokens(config.patch_size)
+    assert tight.device.activations < roomy.device.activations
+    settings = ComputeSettings()
+    tight.apply_chunks(settings)
+    assert (settings.attn_chunk_tokens, settings.ffn_chunk_tokens, settings.attn_heads_per_chunk) == tuple(
+        (tight.attn_chunk, tight.ffn_chunk, tight.head_chunk))
+
+
+@pytest.mark.parametrize("size,quant,vram", [((1280, 720, 81), "q8_0", 8), ((1280, 720, 81), "q8_0", 12),
+                                             ((832, 480, 81), "q4_0", 6), ((832, 480, 81), "q8_0", 6)])
+def test_small_cards_take_the_full_expert(a14b, size, quant, vram):
+    """The A14B expert at 720p on 8 GB and at 480p on 6 GB, both CFG passes per block
+    (with this test's 0.6 GiB for the CUDA context)."""
+    config, weights, _ = a14b
+    plan = plan_dit(config, Request(*size), weights=weights[quant], vram=vram, ram=64, device=device())
+    assert plan.device.driver_peak <= vram * GiB

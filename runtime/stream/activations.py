@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..dit import DEFAULT_ATTN_CHUNK_TOKENS, DEFAULT_CHUNK_VALUES, DEFAULT_FFN_CHUNK_TOKENS
+from ..dit import DEFAULT_CHUNK_VALUES, DEFAULT_FFN_CHUNK_TOKENS
 
 
 class Chunks(NamedTuple):
@@ -30,7 +30,7 @@ ELEMENTWISE_BYTES_PER_VALUE = 24
 # -- the Wan DiT (runtime/dit.py) --------------------------------------------------------
 
 
-def dit_activation_bytes(
+def dit_activation_phases(
     *,
     dim: int,
     ffn_dim: int,
@@ -45,18 +45,21 @@ def dit_activation_bytes(
     chunk_values: int = DEFAULT_CHUNK_VALUES,
     fused: bool = False,
     head_out: int = 64,
-) -> int:
-    """Peak bytes of activations in one forward of `runtime.dit.WanDiT` (weights, ring and
-    decode scratch not included), `tokens` per sample, `batch` samples per block call,
-    split as `ComputeSettings` says (attn_chunk_tokens, ffn_chunk_tokens,
+) -> dict[str, int]:
+    """Bytes of activations in one forward of `runtime.dit.WanDiT` (weights, ring and
+    decode scratch not included) by phase, for `tokens` per sample, `batch` samples per
+    block call, split as `ComputeSettings` says (attn_chunk_tokens, ffn_chunk_tokens,
     attn_heads_per_chunk, chunk_values); `fused`: the norms, rope and residual adds run
-    as CUDA kernels, without temporaries; head_out = prod(patch) · out_dim.
+    as CUDA kernels, without temporaries; head_out = prod(patch) · out_dim. "stream"
+    and "persistent" are held throughout; each other phase adds its own bytes on top.
 
     With T = batch·tokens, e = dtype_bytes, c = the attention chunk and f = the FFN
     chunk (each at most what it splits), the forward holds the float32 residual stream
     x (4·T·dim) from the patch embedding on, the text context (e·batch·text_len·dim) and
     the rope rotations (complex128 [tokens, head_dim/2]); each phase adds, as allocated:
-      patch embedding  one sample's Conv3d output (e·tokens·dim) while it is copied in
+      patch embedding  one sample's Conv3d output (e·tokens·dim) while it is copied in,
+                       and the convolution's workspace, about as much again (cuDNN on
+                       an H200: 1.04-1.06x the output)
       self-attention   one sample's keys and values (2·e·tokens·dim); per query chunk two
                        [c, dim] tensors at a time (h and q, q and the attention output,
                        that output and its projection); chunking by heads adds a chunk's
@@ -86,13 +89,24 @@ def dit_activation_bytes(
     if head_chunk is not None and head_chunk < heads:
         pair += e * c * dim * head_chunk // heads  # a heads chunk's result before it joins the output
     chunk = max(pair, e * c * dim + twins(c))
-    embed = e * tokens * dim
+    embed = 2 * e * tokens * dim + e * tokens * dim // 8
     self_attn = 2 * e * tokens * dim + chunk
     cross = 2 * text + chunk
     ffn = max(e * f * (dim + ffn_dim), e * f * dim + twins(f))
     h = T if attn_chunk is None else min(T, attn_chunk)  # the head's chunks run over the whole batch
     head = 4 * T * head_out + 4 * h * dim + twins(h)
-    return x + max(embed, self_attn, cross, ffn, head) + text + rope
+    return {"stream": x, "persistent": text + rope, "embed": embed, "self_attention": self_attn,
+            "cross_attention": cross, "ffn": ffn, "head": head}
+
+
+def dit_activation_bytes(**sizes) -> int:
+    """Peak bytes of activations in one forward of `runtime.dit.WanDiT`, arguments as
+    dit_activation_phases."""
+    phases = dit_activation_phases(**sizes)
+    held = phases.pop("stream") + phases.pop("persistent")
+    return held + max(phases.values())
+
+
 
 
 def dit_flops_per_block(*, dim: int, ffn_dim: int, tokens: int, text_len: int, batch: int) -> float:
@@ -102,37 +116,32 @@ def dit_flops_per_block(*, dim: int, ffn_dim: int, tokens: int, text_len: int, b
     return 2.0 * batch * (linear + attention)
 
 
-# The chunks the planner starts from: measured to cost under 2% against whole samples
-# (runtime.dit's defaults). Each halving below them ranks one step costlier.
-FREE_ATTN_CHUNK = DEFAULT_ATTN_CHUNK_TOKENS
-FREE_FFN_CHUNK = DEFAULT_FFN_CHUNK_TOKENS
-SMALLEST_CHUNK = 512
-
-
-def _halvings(start: int, limit: int) -> list[int]:
-    """start, start/2, ... down to SMALLEST_CHUNK, none above `limit` (which stands for
-    every larger value: a chunk of a whole sample)."""
-    sizes = []
-    k = start
-    while k >= SMALLEST_CHUNK:
-        sizes.append(min(k, limit))
-        k //= 2
-    return sorted(set(sizes), reverse=True) or [limit]
+# The chunkings the planner tries, in order of cost, as measured on an H200 (an A14B
+# q8_0 block, 480p and 720p, CFG batch 1 and 2, bench/dit.py --chunks): attention over
+# whole samples is the fastest, query chunks of 16384 cost about 1%, 8192 2-4%, 4096
+# 3-5%, 2048 4-7%; FFN chunks of 8192 tokens and more cost nothing measurable, 4096 up
+# to 7%. Every chunking gives the same numbers bit for bit (there and on the CPU).
+ATTN_CHUNKS = (None, 16384, 8192, 4096, 2048, 1024, 512)
+FFN_CHUNKS = (DEFAULT_FFN_CHUNK_TOKENS, 8192, 4096, 2048, 1024, 512)
 
 
 def dit_chunk_options(tokens: int, batch: int) -> list[Chunks]:
-    """Attention and FFN chunks worth trying: the free ones and their halvings."""
-    attn = _halvings(FREE_ATTN_CHUNK, tokens)
-    ffn = _halvings(FREE_FFN_CHUNK, batch * tokens)
+    """Attention and FFN chunks worth trying; a chunk as large as what it splits stands
+    for not splitting (attention: None; FFN: the whole batch)."""
+    attn = [None] + [c for c in ATTN_CHUNKS if c is not None and c < tokens]
+    ffn = list(dict.fromkeys(min(c, batch * tokens) for c in FFN_CHUNKS))
     return [Chunks(a, f) for a in attn for f in ffn]
 
 
-def dit_chunk_cost(option: Chunks) -> int:
-    """How much a chunking slows the forward, in rank: the halvings below the free chunks."""
-    def steps(value: int | None, free: int) -> int:
-        return 0 if value is None or value >= free else (free // value).bit_length() - 1
-
-    return steps(option.attn, FREE_ATTN_CHUNK) + steps(option.ffn, FREE_FFN_CHUNK) + 2 * (option.heads is not None)
+def dit_chunk_cost(option: Chunks, tokens: int, batch: int) -> int:
+    """How much a chunking slows a forward of `tokens` per sample, `batch` samples, in
+    rank: the steps down each list above, attention by heads last."""
+    attn = None if option.attn is None or option.attn >= tokens else option.attn
+    a = ATTN_CHUNKS.index(attn) if attn in ATTN_CHUNKS else len(ATTN_CHUNKS)
+    T = batch * tokens
+    f = T if option.ffn is None else min(option.ffn, T)
+    ffn = next((k for k, c in enumerate(FFN_CHUNKS) if f >= min(c, T)), len(FFN_CHUNKS))
+    return a + ffn + 2 * (option.heads is not None)
 
 
 def dit_scratch_bytes(dim: int, ffn_dim: int) -> int:

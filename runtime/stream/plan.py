@@ -536,7 +536,7 @@ def plan_dit(
             f"{len(w.block_bytes)} blocks of {w.largest / MiB:.0f} MiB {w.label}".rstrip()
         )
         # the cheapest chunking first, and among equally cheap ones the leanest
-        options = sorted(dit_chunk_options(tokens, req.batch), key=lambda o: (dit_chunk_cost(o), act(o)))
+        options = sorted(dit_chunk_options(tokens, req.batch), key=lambda o: (dit_chunk_cost(o, tokens, req.batch), act(o)))
         return _plan(
             w, act, options, flops,
             dit_scratch_bytes(config.dim, config.ffn_dim), vram, ram, info, prefetch_depth, staging_slots, resident,
