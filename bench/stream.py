@@ -232,7 +232,9 @@ class Bench:
         self.tiny = args.tiny
         self.cfg = TINY if self.tiny else A14B
         self.sizes = TINY_SIZES if self.tiny else SIZES
-        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+        cuda = torch.cuda.is_available() and not args.cpu
+        # an explicit index: some torch calls (set_per_process_memory_fraction) require one
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         self.dir = Path(args.dir)
         self.dir.mkdir(parents=True, exist_ok=True)

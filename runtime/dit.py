@@ -51,7 +51,7 @@ DEFAULT_CHUNK_VALUES = 1 << 23
 # FFN chunks of this many tokens run as fast as the whole FFN (an A14B block at 480p and
 # 720p on an H200, bench/dit.py --chunks) and hold a small part of its hidden layer.
 # Attention is split only when memory asks for it (the planner): whole samples are the
-# fastest, query chunks of 16384 cost about 1%, of 8192 2-4%.
+# fastest, query chunks of 16384 cost 1-1.5%, of 8192 about 2%.
 DEFAULT_FFN_CHUNK_TOKENS = 16384
 
 # Beyond this many runs of equal timesteps per sample, per-token tables are gathered

@@ -118,9 +118,10 @@ def dit_flops_per_block(*, dim: int, ffn_dim: int, tokens: int, text_len: int, b
 
 # The chunkings the planner tries, in order of cost, as measured on an H200 (an A14B
 # q8_0 block, 480p and 720p, CFG batch 1 and 2, bench/dit.py --chunks): attention over
-# whole samples is the fastest, query chunks of 16384 cost about 1%, 8192 2-4%, 4096
-# 3-5%, 2048 4-7%; FFN chunks of 8192 tokens and more cost nothing measurable, 4096 up
-# to 7%. Every chunking gives the same numbers bit for bit (there and on the CPU).
+# whole samples costs nothing against the unsplit block, query chunks of 16384 cost
+# 1-1.5%, 8192 about 2%, 4096 2.5-4%, 2048 4-7% (cuDNN's last wave of tiles, paid once
+# per call); FFN chunks of 8192 tokens and more cost under 1%, 4096 up to 7%. Every
+# chunking gives the same numbers bit for bit (there and on the CPU).
 ATTN_CHUNKS = (None, 16384, 8192, 4096, 2048, 1024, 512)
 FFN_CHUNKS = (DEFAULT_FFN_CHUNK_TOKENS, 8192, 4096, 2048, 1024, 512)
 
