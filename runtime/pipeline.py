@@ -852,7 +852,7 @@ class Pipeline:
         with phase("vae_decode"):
             self.log("VAE: decoding")
             vae = self._vae()
-            video = vae.decode([x])[0].cpu()
+            video = vae.decode([x], output_device="cpu")[0]  # frames leave the device chunk by chunk
             del vae
             _free(self.device)
 

@@ -24,7 +24,9 @@ import torch
 
 from .vae21 import WanVAE21
 from .vae22 import WanVAE22
-from .vae_blocks import CausalVAE, FeatureCache, VAEConfig, activation_format, conv_weight_format
+from .vae_blocks import (CausalVAE, FeatureCache, VAEConfig, activation_format, conv_weight_format,
+                         new_activation)
+from .vae_frames import VideoOutput, blend
 from .vae_tiling import DEFAULT_OVERLAP, choose_tile, memory_bytes, plan_tiles, ramp_weights
 
 # The official wrapper's literals (wan/modules/vae2_1.py `Wan2_1_VAE`, vae2_2.py `Wan2_2_VAE`).
@@ -210,6 +212,7 @@ class WanVAE:
         self.config: VAEConfig = model.config
         self.device = _device(device)
         self.dtype = dtype
+        self.channels_last = channels_last
         self.memory_format = activation_format(channels_last)
         self.tile = tile
         self.overlap = overlap
@@ -229,7 +232,7 @@ class WanVAE:
         """Estimated peak device bytes of encoding/decoding a [3, frames, height, width] video
         (`io`: input_on_device, output_on_device, see `vae_tiling.memory_estimate`)."""
         return memory_bytes(self.config, op, frames, height, width, tile=tile, dtype=self.dtype,
-                            overlap=self.overlap, **io)
+                            overlap=self.overlap, channels_last=self.channels_last, **io)
 
     def _budget(self) -> int | None:
         if self.vram_budget is not None:
@@ -249,7 +252,8 @@ class WanVAE:
         if tile is None:
             budget = self._budget()
             tile = None if budget is None else choose_tile(
-                self.config, op, frames, height, width, budget=budget, dtype=self.dtype, overlap=self.overlap, **io)
+                self.config, op, frames, height, width, budget=budget, dtype=self.dtype, overlap=self.overlap,
+                channels_last=self.channels_last, **io)
         elif tile is False:
             tile = None
         return plan_tiles(height // sh, width // sw, tile, self.overlap)
@@ -278,19 +282,19 @@ class WanVAE:
             bar.close()
             return out
         # Tiles run the local stages (all chunks each, own cache) into one blended feature
-        # map; the middle, whose attention sees the whole frame, then runs untiled.
+        # map (the blend weights add up to one); the middle, whose attention sees the
+        # whole frame, then runs untiled.
         features = None
-        weight_sum = torch.zeros((lat_h, lat_w), dtype=torch.float32, device=self.device)
         for iy, (y0, y1), ix, (x0, x1) in plan.tiles():
             pixels = video[:, :, y0 * sh : y1 * sh, x0 * sw : x1 * sw]
             w = ramp_weights(plan.spans_y, iy, 1, self.device)[:, None] * ramp_weights(plan.spans_x, ix, 1, self.device)
-            weight_sum[y0:y1, x0:x1] += w
+            rows_done = plan.spans_y[iy - 1][1] - y0 if iy else 0
+            cols_done = plan.spans_x[ix - 1][1] - x0 if ix else 0
             for i, f in self.model.encode_chunks(pixels, FeatureCache(self.memory_format), local_only=True):
                 if features is None:
-                    features = torch.zeros((f.shape[0], lat_f, lat_h, lat_w), dtype=torch.float32, device=self.device)
-                features[:, i, y0:y1, x0:x1].addcmul_(f.float(), w)
+                    features = torch.empty((f.shape[0], lat_f, lat_h, lat_w), dtype=torch.float32, device=self.device)
+                blend(features[:, i, y0:y1, x0:x1], f * w, rows_done, cols_done)
                 bar.update()
-        features /= weight_sum
         cache = FeatureCache(self.memory_format)
         for i in range(lat_f):
             mu = self.model.encode_global(features[:, i].to(self.dtype), cache)
@@ -306,46 +310,56 @@ class WanVAE:
     def decode(self, latents, *, tile=_AUTO, output_device=None, progress: bool = False) -> list[torch.Tensor]:
         """latents: list of normalised [z, T, h, w] -> list of videos [3, 1 + 4(T-1), h*s, w*s]
         clamped to [-1, 1] (float32), on `output_device` (default: the VAE's device; "cpu"
-        keeps the video out of device memory, frame by frame)."""
-        return [self._decode_one(z, tile, output_device, progress).clamp_(-1, 1) for z in _as_list(latents, "latents")]
+        keeps the video out of device memory: frames leave the device a time chunk at a time)."""
+        return [self._decode_one(z, tile, output_device, progress, clamp=True) for z in _as_list(latents, "latents")]
 
     def decode_unclamped(self, latent: torch.Tensor, *, tile=_AUTO, output_device=None,
                          progress: bool = False) -> torch.Tensor:
         """The decoder output of one latent before the wrapper's clamp."""
         with torch.inference_mode():
-            return self._decode_one(latent, tile, output_device, progress)
+            return self._decode_one(latent, tile, output_device, progress, clamp=False)
 
-    def _decode_one(self, latent: torch.Tensor, tile, output_device, progress: bool) -> torch.Tensor:
+    def _decode_one(self, latent: torch.Tensor, tile, output_device, progress: bool, clamp: bool) -> torch.Tensor:
         st, sh, sw = self.config.stride
         _check_latent(latent, self.config)
         _, lat_f, lat_h, lat_w = latent.shape
         frames, height, width = 1 + st * (lat_f - 1), lat_h * sh, lat_w * sw
         out_dev = self.device if output_device is None else _device(output_device)
         plan = self.plan("decode", frames, height, width, tile, output_on_device=out_dev == self.device)
-        out = torch.zeros((3, frames, height, width), dtype=torch.float32, device=out_dev)
-        weight_sum = torch.zeros((height, width), dtype=torch.float32, device=out_dev) if plan.tiled else None
+        out = VideoOutput((3, frames, height, width), out_dev, self.device, st, clamp)
         z = latent.to(device=self.device, dtype=torch.float32)
         z = (z / self.inv_std.view(-1, 1, 1, 1) + self.mean.view(-1, 1, 1, 1)).to(self.dtype)
-        bar = _progress(progress, len(plan) * frames, "VAE decode")
-        for iy, (y0, y1), ix, (x0, x1) in plan.tiles():
-            py, px = slice(y0 * sh, y1 * sh), slice(x0 * sw, x1 * sw)
-            cache = FeatureCache(self.memory_format)
-            w = None
-            if plan.tiled:
-                w = ramp_weights(plan.spans_y, iy, sh, out_dev)[:, None] * ramp_weights(plan.spans_x, ix, sw, out_dev)
-                weight_sum[py, px] += w
-            crop = (slice(y0, y1), slice(x0, x1)) if plan.tiled else None
-            for f, pixels in self.model.decode_frames(z, cache, crop):
-                if w is None:
-                    out[:, f].copy_(pixels)
-                else:
-                    out[:, f, py, px].addcmul_(pixels.to(out_dev, torch.float32), w)
+        bar = _progress(progress, len(plan) * frames + plan.tiled * lat_f, "VAE decode")
+        if not plan.tiled:
+            out.begin_tile(slice(0, height), slice(0, width), None)
+            for f, pixels in self.model.decode_frames(z, FeatureCache(self.memory_format)):
+                out.put(f, pixels)
                 bar.update()
-            del cache
+            bar.close()
+            return out.result()
+        # The middle, whose attention sees the whole frame, runs once over all latent
+        # frames; each tile then runs the local upsampling stages (all chunks, own cache)
+        # on its window of the middle's output.
+        cache = FeatureCache(self.memory_format)
+        features = None
+        for i, f in self.model.decode_middle(z, cache):
+            if features is None:
+                features = new_activation(f, f.shape[1], lat_f, lat_h, lat_w, self.memory_format)
+            features[:, :, i : i + 1] = f
+            del f
+            bar.update()
+        del cache, z
+        for iy, (y0, y1), ix, (x0, x1) in plan.tiles():
+            w = ramp_weights(plan.spans_y, iy, sh, self.device)[:, None] * ramp_weights(plan.spans_x, ix, sw, self.device)
+            rows_done = (plan.spans_y[iy - 1][1] - y0) * sh if iy else 0
+            cols_done = (plan.spans_x[ix - 1][1] - x0) * sw if ix else 0
+            out.begin_tile(slice(y0 * sh, y1 * sh), slice(x0 * sw, x1 * sw), w, rows_done, cols_done)
+            window = features[:, :, :, y0:y1, x0:x1]
+            for f, pixels in self.model.decode_window(window, FeatureCache(self.memory_format)):
+                out.put(f, pixels)
+                bar.update()
         bar.close()
-        if weight_sum is not None:
-            out /= weight_sum
-        return out
+        return out.result()
 
 
 def _device(device) -> torch.device:
@@ -432,7 +446,9 @@ def load_vae(source, *, device="cpu", dtype: torch.dtype = torch.float32, tile=N
 
 
 def vae_memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
-                     tile=None, dtype: torch.dtype = torch.float32, overlap: int = DEFAULT_OVERLAP) -> int:
-    """Estimated peak device bytes of a VAE encode/decode of a [3, frames, height, width]
-    video (weights, I/O buffers, cache and activations); see `vae_tiling.memory_bytes`."""
-    return memory_bytes(config, op, frames, height, width, tile=tile, dtype=dtype, overlap=overlap)
+                     tile=None, dtype: torch.dtype = torch.float32, overlap: int = DEFAULT_OVERLAP, **io) -> int:
+    """Estimated peak device bytes (torch's allocator, weights of the whole VAE included) of
+    a VAE encode/decode of a [3, frames, height, width] video with `tile` (None: untiled);
+    `io`: input_on_device, output_on_device (the pipeline decodes to host memory: False),
+    channels_last (default True, as on CUDA). See `vae_tiling.memory_estimate`."""
+    return memory_bytes(config, op, frames, height, width, tile=tile, dtype=dtype, overlap=overlap, **io)

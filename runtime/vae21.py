@@ -96,8 +96,8 @@ class Decoder21(nn.Module):
                 m.level_frames = 1
         set_level(self.head, px, 1)
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache, crop=None) -> Iterator[torch.Tensor]:
-        return decoder_frames(self, x, cache, crop)
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> Iterator[torch.Tensor]:
+        return decoder_frames(self, x, cache)
 
 
 class WanVAE21(CausalVAE):

@@ -64,12 +64,19 @@ def dup_up(x: torch.Tensor, out_channels: int, ft: int, fs: int, first_chunk: bo
     return x[:, :, ft - 1 :] if first_chunk else x
 
 
+def keep_stage_inputs(stages) -> None:
+    """Each stage holds its input until its shortcut is added at the end; record the
+    input's elements per latent pixel for the memory estimate."""
+    for stage in stages:
+        stage.kept_input = stage.d_in * stage.level_frames * stage.level_px
+
+
 class DownStage(nn.Module):
     """`Down_ResidualBlock`: residual blocks + resample, plus the AvgDown3D shortcut."""
 
     def __init__(self, d_in: int, d_out: int, num_res_blocks: int, temporal: bool, down: bool):
         super().__init__()
-        self.d_out, self.ft, self.fs = d_out, 2 if temporal else 1, 2 if down else 1
+        self.d_in, self.d_out, self.ft, self.fs = d_in, d_out, 2 if temporal else 1, 2 if down else 1
         blocks: list[nn.Module] = []
         for _ in range(num_res_blocks):
             blocks.append(ResidualBlock(d_in, d_out))
@@ -89,7 +96,7 @@ class UpStage(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, num_res_blocks: int, temporal: bool, up: bool):
         super().__init__()
-        self.d_out, self.ft, self.up = d_out, 2 if temporal else 1, up
+        self.d_in, self.d_out, self.ft, self.up = d_in, d_out, 2 if temporal else 1, up
         blocks: list[nn.Module] = []
         for _ in range(num_res_blocks):
             blocks.append(ResidualBlock(d_in, d_out))
@@ -129,6 +136,7 @@ class Encoder22(nn.Module):
         if self.frame_stages is None:
             self.frame_stages = len(stages)
         self.downsamples = nn.ModuleList(stages)
+        keep_stage_inputs(stages)
         self.middle = middle(dims[-1])
         self.head = head(dims[-1], 2 * cfg.z_dim)
         set_level(self.middle, 1, frames)
@@ -168,9 +176,10 @@ class Decoder22(nn.Module):
             for m in stage.modules():
                 m.level_frames = 1
         set_level(self.head, px, 1)
+        keep_stage_inputs(stages)
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache, crop=None) -> Iterator[torch.Tensor]:
-        return decoder_frames(self, x, cache, crop)
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> Iterator[torch.Tensor]:
+        return decoder_frames(self, x, cache)
 
 
 class WanVAE22(CausalVAE):

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vae_frames import FrameFeeder
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """Hyperparameters of a Wan VAE (`WanVAE_` in the official code).
@@ -309,19 +312,26 @@ def encoder_global(enc: nn.Module, x: torch.Tensor, cache: FeatureCache) -> torc
     return run_head(enc.head, run_blocks(enc.middle, x, cache), cache)
 
 
-def decoder_frames(dec: nn.Module, x: torch.Tensor, cache: FeatureCache, crop=None) -> Iterator[torch.Tensor]:
-    """One latent frame [1, z, 1, h, w] -> its output frames [1, C, 1, H, W], one at a time.
-    `conv1` and the middle (whose attention sees the whole frame) run on all of x; the
-    upsampling stages only on the latent window `crop` = (rows, cols), if given. The stages
-    after the last temporal upsample (`upsamples[frame_stages:]`) and the head take one
-    frame at a time."""
-    x = run_blocks(dec.middle, dec.conv1(x, cache), cache)
-    if crop is not None:
-        x = x[:, :, :, crop[0], crop[1]]
+def decoder_middle(dec: nn.Module, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+    """`conv1` and the middle (whose attention sees the whole frame) of one latent frame
+    [1, z, 1, h, w] -> features [1, C, 1, h, w]."""
+    return run_blocks(dec.middle, dec.conv1(x, cache), cache)
+
+
+def decoder_upsample(dec: nn.Module, x: torch.Tensor, cache: FeatureCache) -> Iterator[torch.Tensor]:
+    """Middle features of one latent frame [1, C, 1, h, w] (the whole frame or a window of
+    it: these stages are local) -> its output frames [1, C', 1, H, W], one at a time. The
+    stages after the last temporal upsample (`upsamples[frame_stages:]`) and the head take
+    one frame at a time."""
     x = run_blocks(dec.upsamples[: dec.frame_stages], x, cache)
     tail = dec.upsamples[dec.frame_stages :]
     for t in range(x.shape[2]):
         yield run_head(dec.head, run_blocks(tail, x[:, :, t : t + 1], cache), cache)
+
+
+def decoder_frames(dec: nn.Module, x: torch.Tensor, cache: FeatureCache) -> Iterator[torch.Tensor]:
+    """One latent frame [1, z, 1, h, w] -> its output frames [1, C, 1, H, W], one at a time."""
+    return decoder_upsample(dec, decoder_middle(dec, x, cache), cache)
 
 
 def conv_weight_format(model: nn.Module, memory_format: torch.memory_format) -> None:
@@ -346,12 +356,16 @@ def set_level(module: nn.Module, px: float, frames: int) -> None:
         m.level_px, m.level_frames = px, frames
 
 
-def working_set_per_latent_px(parts) -> tuple[float, float]:
-    """(cache elements, largest activation elements) per latent pixel for a steady-state
-    chunk of the modules `parts`, from the widths and levels of their blocks."""
+def working_set_per_latent_px(parts) -> tuple[float, float, float]:
+    """(cache elements, largest activation elements, largest input a stage keeps alive)
+    per latent pixel for a steady-state chunk of the modules `parts`, from the widths and
+    levels of their blocks (a stage that adds a shortcut of its input at its end sets
+    `kept_input`, elements per latent pixel)."""
     cache = 0.0
     largest = 0.0
+    kept = 0.0
     for m in (m for part in parts for m in part.modules()):
+        kept = max(kept, getattr(m, "kept_input", 0.0))
         px, t = getattr(m, "level_px", None), getattr(m, "level_frames", None)
         if px is None:
             continue
@@ -365,7 +379,7 @@ def working_set_per_latent_px(parts) -> tuple[float, float]:
             if m.mode == "downsample3d":
                 cache += m.dim * px_out  # one frame of history
             largest = max(largest, t_out * m.out_dim * px_out, m.dim * px_out)
-    return cache, largest
+    return cache, largest, kept
 
 
 class CausalVAE(nn.Module):
@@ -387,10 +401,10 @@ class CausalVAE(nn.Module):
         Chunks of frames [0], [1..4], [5..8], ... give one latent frame each. With
         `local_only`, yields the features before the middle instead (see `encode_global`)."""
         w = self.conv1.weight
+        feed = FrameFeeder(video, w.device, w.dtype)  # one frame moves to the device at a time
 
-        def frame(t: int) -> torch.Tensor:  # one frame moves to the device at a time
-            x = video[None, :, t : t + 1].to(device=w.device, dtype=w.dtype, non_blocking=True)
-            return self.patchify(x).contiguous(memory_format=cache.memory_format)
+        def frame(t: int) -> torch.Tensor:
+            return self.patchify(feed(t)).contiguous(memory_format=cache.memory_format)
 
         n_latent = 1 + (video.shape[1] - 1) // 4
         for i in range(n_latent):
@@ -410,14 +424,35 @@ class CausalVAE(nn.Module):
         z = self.config.z_dim
         return F.conv3d(out, self.conv1.weight[:z], self.conv1.bias[:z])[0, :, 0]
 
-    def decode_frames(self, x: torch.Tensor, cache: FeatureCache, crop=None) -> Iterator[tuple[int, torch.Tensor]]:
-        """x [z, T, h, w]: de-normalised latent in the compute dtype on the device ->
-        (frame index, pixels [3, H, W]); latent frame 0 gives 1 frame, each later one 4.
-        `crop` = (rows, cols) latent slices limits the output to that window."""
-        x = self.conv2(x.unsqueeze(0).contiguous(memory_format=cache.memory_format))
+    def decoder_input(self, latent: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """De-normalised latent [z, T, h, w] in the compute dtype on the device -> conv2 of
+        it, [1, z, T, h, w] (1x1x1: all frames at once)."""
+        return self.conv2(latent.unsqueeze(0).contiguous(memory_format=cache.memory_format))
+
+    def decode_frames(self, latent: torch.Tensor, cache: FeatureCache) -> Iterator[tuple[int, torch.Tensor]]:
+        """latent [z, T, h, w] (see `decoder_input`) -> (frame index, pixels [3, H, W]);
+        latent frame 0 gives 1 frame, each later one 4."""
+        x = self.decoder_input(latent, cache)
         index = 0
         for i in range(x.shape[2]):
-            for frame in self.decoder(x[:, :, i : i + 1], cache, crop):
+            for frame in self.decoder(x[:, :, i : i + 1], cache):
+                yield index, self.unpatchify(frame)[0, :, 0]
+                index += 1
+            cache.first_chunk = False
+
+    def decode_middle(self, latent: torch.Tensor, cache: FeatureCache) -> Iterator[tuple[int, torch.Tensor]]:
+        """The part of `decode_frames` that sees the whole frame: latent [z, T, h, w] ->
+        (latent frame i, middle features [1, C, 1, h, w]), for `decode_window`."""
+        x = self.decoder_input(latent, cache)
+        for i in range(x.shape[2]):
+            yield i, decoder_middle(self.decoder, x[:, :, i : i + 1], cache)
+
+    def decode_window(self, features: torch.Tensor, cache: FeatureCache) -> Iterator[tuple[int, torch.Tensor]]:
+        """The rest of `decode_frames`, spatially local: middle features [1, C, T, h, w] of
+        all latent frames (a window of them for a tile) -> (frame index, pixels [3, H, W])."""
+        index = 0
+        for i in range(features.shape[2]):
+            for frame in decoder_upsample(self.decoder, features[:, :, i : i + 1], cache):
                 yield index, self.unpatchify(frame)[0, :, 0]
                 index += 1
             cache.first_chunk = False

@@ -7,10 +7,13 @@ not exact (the middle attention sees the whole frame and the stacked 3x3 convs s
 so overlaps are generous (default 8 latent pixels) and the result is compared with the
 untiled one in the tests.
 
-The estimate: device memory of one encode or decode is weights + input/output buffers +
-per tile (feature cache + activations). Cache and activations scale with the tile area;
-per latent pixel they are read off the model's widths and levels
-(`vae_blocks.working_set_per_latent_px`).
+The estimate (what the automatic choice and the planners trust): the peak of torch's
+allocator during one encode or decode = weights of the whole VAE + input/output buffers +
+feature caches + activations. Caches and the largest activation are read off the
+model's widths and levels per latent pixel (`vae_blocks.working_set_per_latent_px`) and
+scale with the area each part runs on: the tile for the local stages, the whole frame
+for the middle (a tiled call runs the middle once, apart from the tiles). The live
+activations at the peak are a measured multiple of the largest one (ACTIVATION_FACTOR).
 """
 from __future__ import annotations
 
@@ -22,13 +25,17 @@ import torch
 from .vae_blocks import CausalVAE, VAEConfig, working_set_per_latent_px
 
 DEFAULT_OVERLAP = 8  # latent pixels
-# Live activations at the peak, in units of the largest single activation of a chunk
-# (a block's input, its shortcut, its conv buffer and output, plus the stage input the
-# per-frame loop keeps); checked against a live-tensor count in tests/test_vae_tiling.py.
-ACTIVATION_FACTOR = 3.5
-# cuDNN workspaces and allocator rounding.
-MARGIN_FRACTION = 0.08
-MARGIN_BYTES = 128 << 20
+# Live activations at the peak in units of the largest single activation of a chunk (a
+# block's input, its conv buffer and output, the stage input a per-frame loop keeps),
+# by activation layout (channels_last -> factor). Measured with the full-size Wan 2.1
+# VAE on an H200 (832x480 and 1280x720, 81 frames, float32 and bfloat16, untiled and
+# tiled; allocator peak minus what was allocated before the call, less io and cache):
+# 2.4-2.6 channels-last, 3.7-3.8 NCDHW (cuDNN converts the layout on the side); the
+# live-tensor count on the CPU gives 2.35 (no workspaces), see tests/test_vae_tiling.py.
+ACTIVATION_FACTOR = {True: 2.75, False: 3.9}
+# Allocator rounding (2 MiB pages, about a hundred live blocks) and workspace variation.
+MARGIN_FRACTION = 0.02
+MARGIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -112,11 +119,14 @@ def _shape_model(config: VAEConfig) -> CausalVAE:
 @dataclass(frozen=True)
 class WorkingSet:
     """Elements per latent pixel of one encode/decode: the tiled (local) stages' cache and
-    largest activation, the same for the untiled (global) ones, the weights, and the
-    channels of the feature map a tiled encode blends."""
+    largest activation, the same for the untiled (global) ones; the weights of the whole
+    VAE (`load_vae` puts encoder and decoder on the device); the channels of the feature
+    map between the two parts (a tiled encode blends it in float32, a tiled decode keeps
+    the middle's output in the compute dtype)."""
 
     local_cache: float
     local_largest: float
+    local_kept: float  # the largest stage input held for a shortcut (Wan 2.2)
     global_cache: float
     global_largest: float
     weights: int
@@ -128,27 +138,27 @@ def working_set(config: VAEConfig, op: str) -> WorkingSet:
     model = _shape_model(config)
     if op == "encode":
         enc = model.encoder
-        local, glob, latent_conv = (enc.conv1, enc.downsamples), (enc.middle, enc.head), model.conv1
-        part, channels = enc, enc.middle[0].residual["2"].in_channels
+        local, glob = (enc.conv1, enc.downsamples), (enc.middle, enc.head)
     else:
         dec = model.decoder
-        local, glob, latent_conv = (dec.upsamples, dec.head), (dec.conv1, dec.middle), model.conv2
-        part, channels = dec, 0
-    lc, ll = working_set_per_latent_px(local)
-    gc, gl = working_set_per_latent_px(glob)
-    weights = sum(p.numel() for m in (part, latent_conv) for p in m.parameters())
-    return WorkingSet(lc, ll, gc, gl, weights, channels)
+        local, glob = (dec.upsamples, dec.head), (dec.conv1, dec.middle)
+    channels = (model.encoder if op == "encode" else model.decoder).middle[0].residual["2"].in_channels
+    lc, ll, lk = working_set_per_latent_px(local)
+    gc, gl, _ = working_set_per_latent_px(glob)
+    weights = sum(p.numel() for p in model.parameters())
+    return WorkingSet(lc, ll, lk, gc, gl, weights, channels)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak device bytes of one encode/decode, by part."""
+    """Peak device bytes of one encode/decode, by part (cache and activations of the
+    phase that peaks: a tiled call runs its tiles and its whole-frame middle apart)."""
 
     weights: int
-    io: int  # output (float32), latent, blend buffers; the input video only if on the device
-    cache: int  # feature cache of a tile (the untiled middle's over the whole frame)
+    io: int  # input/output, latents, the feature map between tiles and middle, staging
+    cache: int  # feature caches
     activations: int
-    margin: int  # cuDNN workspaces, allocator rounding
+    margin: int  # allocator rounding, workspace variation
 
     @property
     def total(self) -> int:
@@ -158,12 +168,19 @@ class MemoryEstimate:
 def memory_estimate(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
                     tile: int | tuple[int, int] | None = None, dtype: torch.dtype = torch.float32,
                     overlap: int = DEFAULT_OVERLAP, input_on_device: bool = False,
-                    output_on_device: bool = True) -> MemoryEstimate:
-    """Estimated peak device memory of encoding a [3, frames, height, width] video or
-    decoding the latent of one, with spatial tiles of `tile` latent pixels (None: untiled)
-    and weights/activations in `dtype`. Outputs are float32, counted when
-    `output_on_device`; the encoder's input video is counted only when `input_on_device`
-    (otherwise it moves to the device one frame at a time)."""
+                    output_on_device: bool = True, channels_last: bool = True) -> MemoryEstimate:
+    """Estimated peak device memory (torch's allocator) of encoding a [3, frames, height,
+    width] video or decoding the latent of one, with spatial tiles of `tile` latent pixels
+    (None: untiled), weights/activations/cache in `dtype`, the activation layout of
+    `channels_last`. The decoded video (float32) is counted when `output_on_device`
+    (otherwise one time chunk of one tile is); the encoder's input video only when
+    `input_on_device` (otherwise it moves to the device one frame at a time).
+
+    Model: whole-VAE weights + io + cache + ACTIVATION_FACTOR x the largest activation
+    (+ the largest stage input held for a shortcut) + MARGIN; cache, largest activation
+    and held input per latent pixel come from the blocks' widths
+    and levels (`working_set`) times the area they run on: the tile for the local stages,
+    the whole frame for the middle."""
     if op not in ("encode", "decode"):
         raise ValueError(f"op must be 'encode' or 'decode', not {op!r}")
     st, sh, sw = config.stride
@@ -172,21 +189,29 @@ def memory_estimate(config: VAEConfig, op: str, frames: int, height: int, width:
     th, tw = plan.tile
     item = torch.empty((), dtype=dtype).element_size()
     ws = working_set(config, op)
+    factor = ACTIVATION_FACTOR[bool(channels_last)]
     full, part = lat_h * lat_w, th * tw
-    cache = (ws.local_cache * part + ws.global_cache * full) * item
-    largest = max(ws.local_largest * part, ws.global_largest * full) * item
-    pixels = 3 * frames * height * width
     latent = config.z_dim * lat_f * full
     if op == "encode":
-        io = (latent * 4 if output_on_device else 0) + (pixels * 4 if input_on_device else 0)
-        if plan.tiled:  # the blended feature map of all chunks, and the weight sum
-            io += ws.feature_channels * lat_f * full * 4 + full * 4
+        io = latent * 4 if output_on_device else 0
+        io += 3 * frames * height * width * 4 if input_on_device else 0
     else:
-        io = latent * (4 + item)
+        io = latent * (4 + 2 * item)  # float32 copy, compute-dtype copy, conv2 output
+        tile_px = th * sh * tw * sw
         if output_on_device:
-            io += pixels * 4 + (height * width * 4 if plan.tiled else 0)
+            io += 3 * frames * height * width * 4 + (tile_px * 4 * 4 if plan.tiled else 0)  # + weighted frame
+        else:
+            io += 3 * st * tile_px * 4  # one chunk on its way to the host
+    local = (ws.local_cache, factor * ws.local_largest + ws.local_kept)  # (cache, activations) per px
+    if plan.tiled:
+        io += ws.feature_channels * lat_f * full * (4 if op == "encode" else item)
+        phases = [(local[0] * part, local[1] * part), (ws.global_cache * full, factor * ws.global_largest * full)]
+        cache, activations = max(phases, key=sum)
+    else:
+        cache = (ws.local_cache + ws.global_cache) * full
+        activations = max(local[1], factor * ws.global_largest) * full
+    cache, activations = cache * item, activations * item
     weights = ws.weights * item
-    activations = ACTIVATION_FACTOR * largest
     margin = MARGIN_FRACTION * (weights + io + cache + activations) + MARGIN_BYTES
     return MemoryEstimate(int(weights), int(io), int(cache), int(activations), int(margin))
 
@@ -196,42 +221,45 @@ def memory_bytes(config: VAEConfig, op: str, frames: int, height: int, width: in
     return memory_estimate(config, op, frames, height, width, **kwargs).total
 
 
+def layouts(size: int, overlap: int):
+    """(tile count, tile size) for each distinct way of covering `size` latent pixels with
+    equal tiles overlapping by `overlap` (tiles larger than the overlap), fewest first."""
+    seen = set()
+    for n in range(1, size + 1):
+        tile = -(-(size + (n - 1) * overlap) // n)
+        if n > 1 and tile <= overlap:
+            break
+        s = spans(size, tile, overlap)
+        if len(s) == n and n not in seen:
+            seen.add(n)
+            yield n, s[0][1] - s[0][0]
+
+
 def choose_tile(config: VAEConfig, op: str, frames: int, height: int, width: int, *,
                 budget: int, dtype: torch.dtype = torch.float32, overlap: int = DEFAULT_OVERLAP,
-                input_on_device: bool = False, output_on_device: bool = True) -> tuple[int, int] | None:
-    """The tiling that fits `budget` bytes with the least computed area (then the fewest
-    tiles): None when the whole frame fits. Raises MemoryError when even small tiles do not."""
+                input_on_device: bool = False, output_on_device: bool = True,
+                channels_last: bool = True) -> tuple[int, int] | None:
+    """The tile layout whose estimate fits `budget` bytes with the fewest tiles (each tile
+    recomputes its overlaps, and smaller tiles run less efficiently), then the least
+    computed area: None when the whole frame fits. Raises MemoryError when no layout does."""
     _, sh, sw = config.stride
     lat_h, lat_w = height // sh, width // sw
+    kw = dict(dtype=dtype, overlap=overlap, input_on_device=input_on_device, output_on_device=output_on_device,
+              channels_last=channels_last)
 
     def fits(tile) -> bool:
-        return memory_bytes(config, op, frames, height, width, tile=tile, dtype=dtype, overlap=overlap,
-                            input_on_device=input_on_device, output_on_device=output_on_device) <= budget
+        return memory_bytes(config, op, frames, height, width, tile=tile, **kw) <= budget
 
     if fits(None):
         return None
-    smallest = overlap + 1
-    best = None
-    for ny in range(1, lat_h + 1):
-        th = spans(lat_h, -(-(lat_h + (ny - 1) * overlap) // ny), overlap)
-        if len(th) != ny or (ny > 1 and th[0][1] - th[0][0] < smallest):
-            continue
-        for nx in range(1, lat_w + 1):
-            tw = spans(lat_w, -(-(lat_w + (nx - 1) * overlap) // nx), overlap)
-            if len(tw) != nx or (nx > 1 and tw[0][1] - tw[0][0] < smallest):
-                continue
-            tile = (th[0][1] - th[0][0], tw[0][1] - tw[0][0])
-            if not fits(tile):
-                continue
-            cost = (ny * tile[0] * nx * tile[1], ny * nx)
-            if best is None or cost < best[0]:
-                best = (cost, tile)
-            break  # more columns only cost more area
-    if best is None:
-        need = memory_bytes(config, op, frames, height, width, tile=(smallest, smallest), dtype=dtype,
-                            overlap=overlap, input_on_device=input_on_device, output_on_device=output_on_device)
-        raise MemoryError(
-            f"VAE {op} of {frames}x{height}x{width} does not fit a budget of {budget / 2**30:.2f} GiB "
-            f"even with {smallest}x{smallest} latent tiles (about {need / 2**30:.2f} GiB); "
-            f"use dtype=torch.bfloat16, a smaller overlap, or a larger budget")
-    return best[1]
+    rows, cols = list(layouts(lat_h, overlap)), list(layouts(lat_w, overlap))
+    candidates = sorted((ny * nx, ny * th * nx * tw, (th, tw)) for ny, th in rows for nx, tw in cols if ny * nx > 1)
+    for _, _, tile in candidates:
+        if fits(tile):
+            return tile
+    smallest = (rows[-1][1], cols[-1][1])
+    need = memory_bytes(config, op, frames, height, width, tile=smallest, **kw)
+    raise MemoryError(
+        f"VAE {op} of {frames}x{height}x{width} does not fit a budget of {budget / 2**30:.2f} GiB "
+        f"even with {smallest[0]}x{smallest[1]} latent tiles (about {need / 2**30:.2f} GiB); "
+        f"use dtype=torch.bfloat16, a smaller overlap, or a larger budget")

@@ -194,7 +194,7 @@ class FakeVAE:
         _, f, h, w = videos[0].shape
         return [torch.zeros(16, (f - 1) // 4 + 1, h // 8, w // 8)]
 
-    def decode(self, latents):
+    def decode(self, latents, output_device=None):
         z = latents[0]
         self.log.append(("decode", z.clone()))
         return [torch.zeros(3, 4 * (z.shape[1] - 1) + 1, z.shape[2] * 8, z.shape[3] * 8)]
