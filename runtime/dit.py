@@ -54,6 +54,11 @@ DEFAULT_CHUNK_VALUES = 1 << 23
 # fastest, query chunks of 16384 cost 1-1.5%, of 8192 about 2%.
 DEFAULT_FFN_CHUNK_TOKENS = 16384
 
+# The head goes over chunks of this many tokens whatever the settings: its float32
+# product (out 64 wide) is one that cuBLAS computes with other kernels, and other sums,
+# for other row counts, so a chunk that followed a plan would make outputs depend on it.
+HEAD_CHUNK_TOKENS = 8192
+
 # Beyond this many runs of equal timesteps per sample, per-token tables are gathered
 # instead of walking the runs (arbitrary per-token t; TI2V has two runs).
 MAX_RUNS_PER_SAMPLE = 64
@@ -66,8 +71,7 @@ class ComputeSettings:
     dtype: torch.dtype = torch.float32  # linears, conv and attention; float32 or bfloat16
     attention: str = "sdpa"  # attention kernel name (runtime.attention.KERNELS)
     # Queries per attention call (self and cross, one sample at a time); also the token
-    # chunk of the keys/values, the norms before the projections and the head. None: a
-    # whole sample at once.
+    # chunk of the keys/values and the norms before the projections. None: a whole sample.
     attn_chunk_tokens: int | None = None
     ffn_chunk_tokens: int | None = DEFAULT_FFN_CHUNK_TOKENS  # FFN tokens at a time (None: all)
     attn_heads_per_chunk: int | None = None  # run attention over this many heads at a time
@@ -508,14 +512,14 @@ class Head(nn.Module):
         self.register_buffer("modulation", torch.zeros(1, 2, cfg.dim, device=device))
 
     def forward(self, x: torch.Tensor, time: TimeEmbedding, settings: ComputeSettings) -> torch.Tensor:
-        """x [B, S, dim] -> [B, S, prod(patch)·out_dim] float32, by chunks of tokens."""
+        """x [B, S, dim] -> [B, S, prod(patch)·out_dim] float32, by HEAD_CHUNK_TOKENS tokens."""
         B, S, D = x.shape
         mod = self.modulation.float().view(2, D) + time.e[:, None, :]  # [U, 2, dim]
         shift, scale = mod.unbind(1)
         xf = x.reshape(-1, D)
         head = Projection(self.head, torch.float32, 0, B * S)
         out = torch.empty(B * S, self.head.out_features, dtype=torch.float32, device=x.device)
-        for s, e in spans(B * S, settings.attn_chunk_tokens):
+        for s, e in spans(B * S, HEAD_CHUNK_TOKENS):
             segs = segments_in(time.segments, s, e)
             h = modulated_norm(xf[s:e], shift, scale, segs, torch.float32, self.eps, settings.chunk_tokens(D))
             head(h, out=out[s:e])

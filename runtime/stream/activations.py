@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..dit import DEFAULT_CHUNK_VALUES, DEFAULT_FFN_CHUNK_TOKENS
+from ..dit import DEFAULT_CHUNK_VALUES, DEFAULT_FFN_CHUNK_TOKENS, HEAD_CHUNK_TOKENS
 
 
 class Chunks(NamedTuple):
@@ -68,8 +68,8 @@ def dit_activation_phases(
                        per chunk, as above
       FFN              per chunk e·f·(dim + ffn_dim): its input, then its output, beside
                        the hidden layer (GELU in place)
-      head             its output (4·T·head_out) and a chunk's float32 norm (4·c·dim; its
-                       chunks run over the batch's tokens: c = T when not split)
+      head             its output (4·T·head_out) and a chunk's float32 norm (4·h·dim,
+                       h = HEAD_CHUNK_TOKENS of the batch's tokens, whatever the settings)
     and, while a chunk's input is normed, the torch twins' temporaries
     (ELEMENTWISE_BYTES_PER_VALUE per value of a `chunk_values` piece)."""
     T = batch * tokens
@@ -93,7 +93,7 @@ def dit_activation_phases(
     self_attn = 2 * e * tokens * dim + chunk
     cross = 2 * text + chunk
     ffn = max(e * f * (dim + ffn_dim), e * f * dim + twins(f))
-    h = T if attn_chunk is None else min(T, attn_chunk)  # the head's chunks run over the whole batch
+    h = min(T, HEAD_CHUNK_TOKENS)
     head = 4 * T * head_out + 4 * h * dim + twins(h)
     return {"stream": x, "persistent": text + rope, "embed": embed, "self_attention": self_attn,
             "cross_attention": cross, "ffn": ffn, "head": head}
