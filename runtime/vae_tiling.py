@@ -86,10 +86,21 @@ def plan_tiles(height: int, width: int, tile: int | tuple[int, int] | None, over
 
 def ramp_weights(all_spans, index: int, scale: int, device=None) -> torch.Tensor:
     """Blend weight along one axis for tile `index`, at `scale` output pixels per latent
-    pixel. Across an overlap of L pixels with a neighbour the weight is 0 on the quarter
-    nearest this tile's edge (where the zero padding of its convs is felt most), rises
-    linearly over the middle half and is 1 on the far quarter; the neighbour's weight is
-    the mirror image, so the two add up to 1."""
+    pixel; the weights of all tiles add up to 1 at every pixel (so the 2-D products do
+    too, and blending needs no weight sum). Across an overlap of L pixels with a
+    neighbour the weight is 0 on the quarter nearest this tile's edge (where the zero
+    padding of its convs is felt most), rises linearly over the middle half and is 1 on
+    the far quarter; the neighbour's weight is the mirror image. Where tiles are so
+    small that a pixel lies in more than two, the ramps are normalised by their sum."""
+    size = all_spans[-1][1] * scale
+    total = torch.zeros(size, dtype=torch.float32, device=device)
+    for i, (a, b) in enumerate(all_spans):
+        total[a * scale : b * scale] += _tile_ramp(all_spans, i, scale, device)
+    a, b = all_spans[index]
+    return _tile_ramp(all_spans, index, scale, device) / total[a * scale : b * scale]
+
+
+def _tile_ramp(all_spans, index: int, scale: int, device) -> torch.Tensor:
     a, b = all_spans[index]
     n = (b - a) * scale
     pos = torch.arange(n, dtype=torch.float32, device=device) + 0.5

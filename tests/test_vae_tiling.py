@@ -80,8 +80,9 @@ def test_tile_not_larger_than_overlap_is_refused():
         spans(40, 8, 8)
 
 
-def test_blend_weights_add_up_to_one():
-    plan = plan_tiles(40, 70, (17, 24), 8)
+@pytest.mark.parametrize("tile,overlap", [((17, 24), 8), ((9, 12), 8)])  # the second: pixels in many tiles
+def test_blend_weights_add_up_to_one(tile, overlap):
+    plan = plan_tiles(40, 70, tile, overlap)
     assert plan.tiled and len(plan) > 4
     for all_spans, size in ((plan.spans_y, 40), (plan.spans_x, 70)):
         for scale in (1, 8):
