@@ -350,8 +350,8 @@ class WanVAE:
             bar.update()
         del cache, z
         for iy, (y0, y1), ix, (x0, x1) in plan.tiles():
-            w = ramp_weights(plan.spans_y, iy, sh, self.device)[:, None] * ramp_weights(plan.spans_x, ix, sw,
-                                                                                         self.device)
+            wy, wx = ramp_weights(plan.spans_y, iy, sh, self.device), ramp_weights(plan.spans_x, ix, sw, self.device)
+            w = wy[:, None] * wx
             rows_done = (plan.spans_y[iy - 1][1] - y0) * sh if iy else 0
             cols_done = (plan.spans_x[ix - 1][1] - x0) * sw if ix else 0
             out.begin_tile(slice(y0 * sh, y1 * sh), slice(x0 * sw, x1 * sw), w, rows_done, cols_done)
