@@ -8,12 +8,18 @@
  * integers, so that they vectorize without -ffast-math; where the sign of a zero
  * extreme matters, it is taken from the first zero in memory order, as ggml's
  * loops do.
+ *
+ * These loops are the portable quantizers; where the CPU has AVX2 and F16C,
+ * codecs_avx2.c's intrinsics give the same bytes ~4x faster (compilers leave the
+ * Q4/Q5 extreme search, int8 truncation and nibble packing scalar here).
+ * WANRT_NO_AVX2=1 in the environment keeps these loops, for checking them.
  */
 #include <limits.h>
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
 
+#include "codecs_avx2.h"
 #include "float_bits.h"
 #include "internal.h"
 
@@ -292,7 +298,8 @@ typedef struct codec_job {
     void *dst;
 } codec_job;
 
-WANRT_HOT static void quantize_range(void *arg, int64_t begin, int64_t end) {
+/* Where the CPU has AVX2 the hand-vectorized quantizers run instead (codecs_avx2.c). */
+static void quantize_range(void *arg, int64_t begin, int64_t end) {
     const codec_job *job = arg;
     uint8_t *dst = job->dst;
     const int64_t size = block_bytes(job->type);
@@ -308,6 +315,13 @@ WANRT_HOT static void quantize_range(void *arg, int64_t begin, int64_t end) {
         }
     }
 }
+
+#if WANRT_CODECS_AVX2
+static void quantize_range_avx2(void *arg, int64_t begin, int64_t end) {
+    const codec_job *job = arg;
+    wanrt_avx2_quantize_range(job->type, job->ftype, job->src, job->dst, begin, end);
+}
+#endif
 
 WANRT_HOT static void dequantize_range(void *arg, int64_t begin, int64_t end) {
     const codec_job *job = arg;
@@ -362,7 +376,11 @@ wanrt_status wanrt_quantize(wanrt_type type, wanrt_type src_type, const void *sr
     wanrt_status s = check_args("wanrt_quantize", type, src_type, src, dst, n_rows, n_per_row);
     if (s != WANRT_OK) return s;
     codec_job job = {type, src_type, src, dst};
-    wanrt_parallel_for(n_rows * (n_per_row / QK), MIN_BLOCKS_PER_THREAD, n_threads, quantize_range, &job);
+    wanrt_range_fn range = quantize_range;
+#if WANRT_CODECS_AVX2
+    if (wanrt_avx2_quantize_usable()) range = quantize_range_avx2;
+#endif
+    wanrt_parallel_for(n_rows * (n_per_row / QK), MIN_BLOCKS_PER_THREAD, n_threads, range, &job);
     return WANRT_OK;
 }
 

@@ -176,6 +176,84 @@ def test_threads_do_not_change_results(name):
         assert torch.equal(codecs.dequantize(one, name, x.shape, threads=threads, backend="native"), dense)
 
 
+TRAITS_BYTES = {t.name: row_nbytes(t, 32) for t in LEGACY_QUANTS}
+
+
+def clear_sign_of_zero_min(blocks: np.ndarray) -> np.ndarray:
+    """Q4_1/Q5_1 blocks (one per row) with the sign bit of a zero `m` (bytes 2-3) cleared."""
+    blocks = blocks.copy()
+    zero_min = (blocks[:, 2] == 0) & ((blocks[:, 3] & 0x7F) == 0)
+    blocks[zero_min, 3] = 0
+    return blocks
+
+
+def lane_values(dtype: torch.dtype) -> torch.Tensor:
+    """Blocks whose deciding element sits in every position of the 32 (the vector code
+    keeps element 8k+i in lane i of register k): a lone extreme of either sign, two
+    equal-magnitude extremes of opposite signs (the first must win) at every ordered
+    pair of positions, min and max at every pair, and a +0/-0 pair in a block of
+    positive (or negative) values, whose zero extreme takes the sign of the first zero."""
+    g = torch.Generator().manual_seed(17)
+    pairs = [(i, j) for i in range(32) for j in range(32) if i != j]
+    n = 2 * 32 + 3 * len(pairs)
+    x = torch.rand(n, 32, generator=g) * 0.5 + 0.25  # magnitudes 0.25 .. 0.75, away from the extremes
+    x *= torch.where(torch.rand(n, 32, generator=g) < 0.5, -1.0, 1.0)
+    row = 0
+    for i in range(32):
+        for v in (3.0, -3.0):
+            x[row, i] = v
+            row += 1
+    for i, j in pairs:
+        x[row, i], x[row, j] = 3.0, -3.0  # tie of magnitudes: position i is first when i < j
+        x[row + 1, i], x[row + 1, j] = -2.0, 5.0  # min at i, max at j
+        x[row + 2] = x[row + 2].abs() * (1 if (i + j) % 2 else -1)
+        x[row + 2, i], x[row + 2, j] = 0.0, -0.0  # min (or max) is a zero; its sign comes from position min(i, j)
+        row += 3
+    return x.reshape(-1, 256).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", TYPES)
+def test_extremes_in_every_position(name, dtype, backend):
+    x = lane_values(dtype)
+    got = codecs.quantize(x, name, backend=backend)
+    if backend == "native":
+        twin = codecs.quantize(x, name, backend="reference")
+        assert torch.equal(got, twin), f"{int((got != twin).any(-1).sum())} rows differ from the twin"
+    expected = gguf_py_bytes(x, name)
+    if name in ("Q4_1", "Q5_1"):
+        # gguf-py may take -0.0 for a zero minimum where ggml's loops keep the first zero (see codecs_ref)
+        got, expected = (clear_sign_of_zero_min(b.reshape(-1, TRAITS_BYTES[name])) for b in (got.numpy(), expected))
+    np.testing.assert_array_equal(got, expected)
+
+
+@needs_native
+def test_portable_loops_equal_the_simd_ones(tmp_path):
+    """WANRT_NO_AVX2 keeps the portable C loops; on a CPU with AVX2 this compares the two."""
+    import subprocess
+    import sys
+
+    inputs = {f"{dt}": hard_values(24, 256, seed=13).to(dt) for dt in DTYPES}
+    inputs.update({f"lanes_{dt}": lane_values(dt) for dt in DTYPES})
+    torch.save(inputs, tmp_path / "in.pt")
+    script = (
+        "import sys, torch\n"
+        "from quant import codecs\n"
+        "xs = torch.load(sys.argv[1])\n"
+        "out = {f'{k}.{t}': codecs.quantize(x, t, backend='native') for k, x in xs.items() for t in sys.argv[3:]}\n"
+        "torch.save(out, sys.argv[2])\n"
+    )
+    env = dict(os.environ, WANRT_NO_AVX2="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), *TYPES],
+                   env=env, cwd=root, check=True)
+    portable = torch.load(tmp_path / "out.pt")
+    for key, x in inputs.items():
+        for name in TYPES:
+            assert torch.equal(codecs.quantize(x, name, backend="native"), portable[f"{key}.{name}"]), f"{key} {name}"
+
+
 # ---------------------------------------------------------------- API edges
 
 
