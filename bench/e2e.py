@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda and not args.tiny:
         ap.error("the full-size bench needs a CUDA device; use --tiny to check it on the CPU")
 

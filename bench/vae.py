@@ -277,7 +277,7 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=240.0, help="start no row after this many seconds")
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type != "cuda" and not args.tiny:
         sys.exit("bench/vae.py: the full-size benchmark needs a CUDA device; use --tiny to check the logic on CPU")
     started = time.perf_counter()
