@@ -55,6 +55,36 @@ def portable(fn):
     return run
 
 
+def measure(x: torch.Tensor, name: str, repeat: int, *, with_gguf_py: bool) -> dict:
+    """Every run of one type: wall seconds, GB/s and CPU s/GB each, and the ratios to gguf-py."""
+    gb = x.numel() * x.element_size() / 1e9
+    runs = {}
+    if _native.available():
+        packed = codecs.quantize(x, name, backend="native")
+        runs["native_fresh_out"] = lambda: codecs.quantize(x, name, backend="native")
+        runs["native"] = lambda: codecs.quantize(x, name, backend="native", out=packed)
+        runs["native_1thread"] = lambda: codecs.quantize(x, name, threads=1, backend="native", out=packed)
+        runs["portable_1thread"] = portable(runs["native_1thread"])
+        runs["native_dequant_bf16"] = lambda: codecs.dequantize(
+            packed, name, x.shape, dtype=torch.bfloat16, backend="native"
+        )
+    if with_gguf_py:
+        import gguf.quants
+        from gguf import GGMLQuantizationType
+
+        qtype = GGMLQuantizationType[name.upper()]
+        runs["twin"] = lambda: codecs.quantize(x, name, backend="reference")
+        runs["gguf_py"] = lambda: gguf.quants.quantize(x.float().numpy(), qtype)
+    r = {}
+    for key, fn in runs.items():
+        wall, cpu = best_time(fn, repeat if key.startswith(("native", "portable")) else 1)
+        r[key + "_s"], r[key + "_GBps"], r[key + "_cpu_s_per_GB"] = wall, gb / wall, cpu / gb
+    if "native_s" in r and "gguf_py_s" in r:
+        r["native_vs_gguf_py"] = r["gguf_py_s"] / r["native_s"]
+        r["fresh_out_vs_gguf_py"] = r["gguf_py_s"] / r["native_fresh_out_s"]
+    return r
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=4096)
@@ -79,31 +109,7 @@ def main() -> None:
         "types": {},
     }
     for name in args.types.split(","):
-        runs = {}
-        if native:
-            packed = codecs.quantize(x, name, backend="native")
-            runs["native_fresh_out"] = lambda: codecs.quantize(x, name, backend="native")
-            runs["native"] = lambda: codecs.quantize(x, name, backend="native", out=packed)
-            runs["native_1thread"] = lambda: codecs.quantize(x, name, threads=1, backend="native", out=packed)
-            runs["portable_1thread"] = portable(runs["native_1thread"])
-            runs["native_dequant_bf16"] = lambda: codecs.dequantize(
-                packed, name, x.shape, dtype=torch.bfloat16, backend="native"
-            )
-        if not args.no_gguf_py:
-            import gguf.quants
-            from gguf import GGMLQuantizationType
-
-            qtype = GGMLQuantizationType[name.upper()]
-            runs["twin"] = lambda: codecs.quantize(x, name, backend="reference")
-            runs["gguf_py"] = lambda: gguf.quants.quantize(x.float().numpy(), qtype)
-        r = {}
-        for key, fn in runs.items():
-            wall, cpu = best_time(fn, args.repeat if key.startswith(("native", "portable")) else 1)
-            r[key + "_s"], r[key + "_GBps"], r[key + "_cpu_s_per_GB"] = wall, gb / wall, cpu / gb
-        if native and "gguf_py_s" in r:
-            r["native_vs_gguf_py"] = r["gguf_py_s"] / r["native_s"]
-            r["fresh_out_vs_gguf_py"] = r["gguf_py_s"] / r["native_fresh_out_s"]
-        results["types"][name] = r
+        results["types"][name] = measure(x, name, args.repeat, with_gguf_py=not args.no_gguf_py)
     results["load_after"] = os.getloadavg()[0]
 
     if args.out:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -231,9 +233,6 @@ def test_extremes_in_every_position(name, dtype, backend):
 @needs_native
 def test_portable_loops_equal_the_simd_ones(tmp_path):
     """WANRT_NO_AVX2 keeps the portable C loops; on a CPU with AVX2 this compares the two."""
-    import subprocess
-    import sys
-
     inputs = {f"{dt}": hard_values(24, 256, seed=13).to(dt) for dt in DTYPES}
     inputs.update({f"lanes_{dt}": lane_values(dt) for dt in DTYPES})
     torch.save(inputs, tmp_path / "in.pt")
