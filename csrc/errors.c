@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <unistd.h>
 
+#include "codecs_avx2.h"
 #include "internal.h"
 
 static _Thread_local char last_error[1024];
@@ -27,7 +28,10 @@ const char *wanrt_build_info(void) {
     static _Thread_local char info[512];
     if (!info[0]) {
 #if defined(__x86_64__) && WANRT_HAS_CLONES
-        const char *simd = __builtin_cpu_supports("avx2") ? "avx2 (runtime clone)" : "baseline (this CPU lacks avx2)";
+        const char *simd = wanrt_avx2_quantize_usable()
+                               ? "quantizers avx2+f16c intrinsics, decoders avx2 clones"
+                               : (__builtin_cpu_supports("avx2") ? "quantizers portable (WANRT_NO_AVX2 or no f16c), decoders avx2 clones"
+                                                                 : "baseline (this CPU lacks avx2)");
 #elif defined(__x86_64__)
         const char *simd = "baseline (no target_clones)";
 #else
