@@ -397,7 +397,7 @@ def tables(rows: list[dict], agreement_rows: list[dict], ceil: dict | None) -> s
         if "profile" in tw:
             cats = sorted(set(tw["profile"]["categories"]) | set(kn["profile"]["categories"]),
                           key=lambda c: -tw["profile"]["categories"].get(c, 0))
-            lines.append(f"  profiler, device ms by kind:  " + ", ".join(
+            lines.append("  profiler, device ms by kind:  " + ", ".join(
                 f"{c} {tw['profile']['categories'].get(c, 0):.1f} -> {kn['profile']['categories'].get(c, 0):.1f}"
                 for c in cats))
     if agreement_rows:

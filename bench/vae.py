@@ -181,7 +181,6 @@ def run_case(vae: WanVAE, op: str, size: Size, device, warm_frames: int, *, budg
     """Warm up on a few frames with the same plan, then one full call: untiled when
     `budget` is None, else the VAE's own choice for that VRAM budget (bytes, weights
     included) under an allocator capped at it."""
-    config = vae.config
     vae.vram_budget = budget
     tile = False if budget is None else None  # None: the VAE chooses
     try:

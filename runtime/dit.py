@@ -31,7 +31,7 @@ calls each block through `model.run_block(i, block, x, ctx)`, which an engine ma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch

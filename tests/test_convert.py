@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quant import codecs, inspect
 from quant.convert import (

@@ -13,6 +13,10 @@ from quant.lora_file import LoraError, LoraFile, LoraSpec, check_lora_file, pars
 
 from .keys import model_tensor_shapes
 
+# One LoRA as a caller may give it (see `as_spec`).
+LoraLike = LoraSpec | str | os.PathLike | tuple
+
+
 def as_spec(value: LoraLike) -> LoraSpec:
     """A LoraSpec from a LoraSpec, a CLI string `[high=|low=|both=]PATH[:STRENGTH]`, a Path
     (strength 1, both experts), or a tuple (path, strength[, expert])."""

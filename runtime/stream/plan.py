@@ -375,7 +375,6 @@ def _plan(
     room = info.room(vram)
     n = len(weights.block_bytes)
     sizes = weights.block_bytes
-    fixed = weights.other_bytes + scratch_bytes
 
     def device_budget(act: int, res: Sequence[int], slots: int, slot_bytes: int) -> DeviceBudget:
         return DeviceBudget(
