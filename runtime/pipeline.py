@@ -467,46 +467,21 @@ class Pipeline:
             return load_gguf_tokenizer(path)
         return load_tokenizer(path)
 
-    def _cached_contexts(self, prompts: list[str], tokenizer) -> list[torch.Tensor] | None:
-        """The embeddings of all `prompts` from the prompt cache, without loading the
-        encoder; None if any is missing. Keys are those the text encoder writes."""
-        if not self.prompt_cache:
-            return None
-        from .prompt_cache import PromptCache, file_identity
-        from .t5 import _weight_files
-
-        cache = self.prompt_cache if isinstance(self.prompt_cache, PromptCache) else (
-            PromptCache() if self.prompt_cache is True else PromptCache(self.prompt_cache))
-        try:
-            identity = file_identity(_weight_files(self.files.text_encoder))
-        except (OSError, ValueError):
-            return None  # the loader will say what is wrong with the file
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rows = tokenizer.ids(prompts)
-        out = []
-        for row in rows:
-            hit = cache.get(PromptCache.key(identity, row, TEXT_DTYPE))
-            if hit is None or hit.shape[0] != len(row):
-                return None  # the encoder will run, and warn about long prompts itself
-            out.append(hit)
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return out
-
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """Text embeddings [L, dim] of `prompts`: from the prompt cache when all are there,
         else from the text encoder, loaded for this and freed after (streamed to the GPU
         per its plan when the pipeline streams)."""
+        from .t5 import cached_embeddings, load_text_encoder
+
         self.files.require("text_encoder", "tokenizer")
         tokenizer = self._tokenizer()
-        cached = self._cached_contexts(prompts, tokenizer)
+        cached = cached_embeddings(self.files.text_encoder, tokenizer, prompts, dtype=TEXT_DTYPE,
+                                   cache=self.prompt_cache)
         if cached is not None:
             self.log("text: prompt embeddings from the cache (text encoder not loaded)")
             return [c.to(self.device) for c in cached]
         if self.streaming and self._text_device() == self.device:
             return self._encode_streamed(prompts, tokenizer)
-        from .t5 import load_text_encoder
 
         device = self._text_device()
         self.log(f"text: loading {self.files.text_encoder} on {device}")
