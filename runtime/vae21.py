@@ -13,18 +13,15 @@ one frame at a time; the cache makes that exact, and it cuts their activations 4
 """
 from __future__ import annotations
 
-from typing import Iterator
-
-import torch
 from torch import nn
 
-from .vae_blocks import (CausalConv3d, CausalVAE, FeatureCache, Resample, ResidualBlock, VAEConfig,
-                         decoder_frames, encoder_global, encoder_local, head, middle, set_level)
+from .vae_blocks import (CausalConv3d, CausalVAE, Decoder, Encoder, Resample, ResidualBlock, VAEConfig, head, middle,
+                         set_level)
 
 WAN21_FULL = VAEConfig(version="2.1", dim=96, z_dim=16, dec_dim=96)
 
 
-class Encoder21(nn.Module):
+class Encoder21(Encoder):
     def __init__(self, cfg: VAEConfig, in_channels: int = 3):
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
@@ -56,13 +53,8 @@ class Encoder21(nn.Module):
         set_level(self.middle, 1, frames)
         set_level(self.head, 1, frames)
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """One chunk [1, C, T, H, W] on the device -> [1, 2z, 1, h, w]."""
-        local = encoder_local(self, lambda t: x[:, :, t : t + 1], x.shape[2], cache)
-        return encoder_global(self, local, cache)
 
-
-class Decoder21(nn.Module):
+class Decoder21(Decoder):
     def __init__(self, cfg: VAEConfig, out_channels: int = 3):
         super().__init__()
         dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
@@ -91,21 +83,10 @@ class Decoder21(nn.Module):
                     self.frame_stages = len(blocks)
         self.upsamples = nn.ModuleList(blocks)
         self.head = head(dims[-1], out_channels)
-        for block in (*blocks[self.frame_stages :], self.head):
-            for m in block.modules():
-                m.level_frames = 1
-        set_level(self.head, px, 1)
-
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> Iterator[torch.Tensor]:
-        return decoder_frames(self, x, cache)
+        self.set_frame_levels(px)
 
 
 class WanVAE21(CausalVAE):
     def __init__(self, cfg: VAEConfig):
-        super().__init__()
         assert cfg.version == "2.1"
-        self.config = cfg
-        self.encoder = Encoder21(cfg)
-        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
-        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = Decoder21(cfg)
+        super().__init__(cfg, Encoder21, Decoder21)

@@ -13,14 +13,12 @@ Differences from Wan 2.1 (`vae21`):
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae_blocks import (CausalConv3d, CausalVAE, FeatureCache, Resample, ResidualBlock, VAEConfig,
-                         decoder_frames, encoder_global, encoder_local, head, middle, run_blocks, set_level)
+from .vae_blocks import (CausalConv3d, CausalVAE, Decoder, Encoder, FeatureCache, Resample, ResidualBlock, VAEConfig,
+                         head, middle, run_blocks, set_level)
 
 WAN22_FULL = VAEConfig(version="2.2", dim=160, z_dim=48, dec_dim=256)
 PATCH = 2
@@ -112,7 +110,7 @@ class UpStage(nn.Module):
         return main.add_(dup_up(x, self.d_out, self.ft, 2, cache.first_chunk))
 
 
-class Encoder22(nn.Module):
+class Encoder22(Encoder):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
@@ -142,13 +140,8 @@ class Encoder22(nn.Module):
         set_level(self.middle, 1, frames)
         set_level(self.head, 1, frames)
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """One chunk [1, C, T, H, W] on the device -> [1, 2z, 1, h, w]."""
-        local = encoder_local(self, lambda t: x[:, :, t : t + 1], x.shape[2], cache)
-        return encoder_global(self, local, cache)
 
-
-class Decoder22(nn.Module):
+class Decoder22(Decoder):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.dec_dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
@@ -172,25 +165,14 @@ class Decoder22(nn.Module):
                     self.frame_stages = len(stages)
         self.upsamples = nn.ModuleList(stages)
         self.head = head(dims[-1], 3 * PATCH * PATCH)
-        for stage in stages[self.frame_stages :]:
-            for m in stage.modules():
-                m.level_frames = 1
-        set_level(self.head, px, 1)
+        self.set_frame_levels(px)
         keep_stage_inputs(stages)
-
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> Iterator[torch.Tensor]:
-        return decoder_frames(self, x, cache)
 
 
 class WanVAE22(CausalVAE):
     def __init__(self, cfg: VAEConfig):
-        super().__init__()
         assert cfg.version == "2.2"
-        self.config = cfg
-        self.encoder = Encoder22(cfg)
-        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
-        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = Decoder22(cfg)
+        super().__init__(cfg, Encoder22, Decoder22)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         return patchify(x)

@@ -18,7 +18,7 @@ producers (norm + SiLU) write straight into it, so there is no separate concat o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -334,6 +334,36 @@ def decoder_frames(dec: nn.Module, x: torch.Tensor, cache: FeatureCache) -> Iter
     return decoder_upsample(dec, decoder_middle(dec, x, cache), cache)
 
 
+class Encoder(nn.Module):
+    """What both versions' encoders are: `conv1`, `downsamples` (the first `frame_stages`
+    of them take one frame at a time), `middle` and `head`."""
+
+    frame_stages: int
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """One chunk [1, C, T, H, W] on the device -> [1, 2z, 1, h, w]."""
+        local = encoder_local(self, lambda t: x[:, :, t : t + 1], x.shape[2], cache)
+        return encoder_global(self, local, cache)
+
+
+class Decoder(nn.Module):
+    """What both versions' decoders are: `conv1`, `middle`, `upsamples` (those from
+    `frame_stages` on take one frame at a time) and `head`."""
+
+    frame_stages: int
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> Iterator[torch.Tensor]:
+        return decoder_frames(self, x, cache)
+
+    def set_frame_levels(self, px: float) -> None:
+        """Record that the stages after the last temporal upsample, and the head (at `px`
+        pixels per latent pixel), take one frame at a time."""
+        for stage in self.upsamples[self.frame_stages :]:
+            for m in stage.modules():
+                m.level_frames = 1
+        set_level(self.head, px, 1)
+
+
 def conv_weight_format(model: nn.Module, memory_format: torch.memory_format) -> None:
     """Lay conv weights out in the activations' memory format (cuDNN picks kernels by it)."""
     if memory_format == torch.contiguous_format:
@@ -383,11 +413,18 @@ def working_set_per_latent_px(parts) -> tuple[float, float, float]:
 
 
 class CausalVAE(nn.Module):
-    """The causal chunk walk through time, shared by both versions. Subclasses build
-    `encoder`, `conv1` (1x1x1, 2z -> 2z), `conv2` (1x1x1, z -> z) and `decoder`, and may
-    patchify the pixels."""
+    """The causal chunk walk through time, shared by both versions: `encoder`, `conv1`
+    (1x1x1, 2z -> 2z), `conv2` (1x1x1, z -> z) and `decoder`. Subclasses give the
+    encoder and decoder of their version and may patchify the pixels."""
 
-    config: VAEConfig
+    def __init__(self, cfg: VAEConfig, encoder: Callable[[VAEConfig], Encoder],
+                 decoder: Callable[[VAEConfig], Decoder]):
+        super().__init__()
+        self.config = cfg
+        self.encoder = encoder(cfg)
+        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = decoder(cfg)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         return x
