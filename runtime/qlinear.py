@@ -34,6 +34,9 @@ DECODE_CHUNK_VALUES = 1 << 24
 
 LORA_MODES = ("auto", "merge", "side")
 
+# torch.mm(..., out_dtype=) (CUDA, torch >= 2.8): a 16-bit GEMM with a float32 result.
+MM_FLOAT32_OUT = hasattr(torch.ops.aten.mm, "dtype")
+
 
 class ScratchPool:
     """Byte buffers reused for decoded weights, keyed by (device, slot), grown on demand.
@@ -250,17 +253,21 @@ class QLinear(nn.Module):
     def _merge_lora_(self, w: torch.Tensor, r0: int, r1: int) -> None:
         """w (rows [r0, r1) of the decoded weight) += up·diag(scale)·down, the products and
         their sum in float32, added to w and rounded once."""
-        if self.lora_alpha is not None and self.lora_up.dtype == self.lora_down.dtype == w.dtype == torch.float32:
-            w.addmm_(self.lora_up[r0:r1], self.lora_down, alpha=self.lora_alpha)
-            return
-        # A 16-bit GEMM into w would let cuBLAS reduce partial sums in 16 bits (split-K),
-        # 16-32 ulp off on the H200: form the delta in float32 and round once.
-        down = self.lora_down.to(torch.float32)
+        # A 16-bit GEMM into w would let cuBLAS round the sum to 16 bits before adding it
+        # (16-32 ulp off on the H200); a GEMM with a float32 output keeps the tensor cores
+        # (16-bit products are exact in its float32 accumulator) and the one rounding.
+        alpha = self.lora_alpha
+        float32_out = (alpha is not None and w.is_cuda and MM_FLOAT32_OUT
+                       and self.lora_up.dtype == self.lora_down.dtype in (torch.bfloat16, torch.float16))
+        down = self.lora_down if float32_out else self.lora_down.to(torch.float32)
         step = max(1, DECODE_CHUNK_VALUES // self.in_features)
         for a in range(r0, r1, step):
             b = min(r1, a + step)
-            up = self.lora_up[a:b].to(torch.float32) * self.lora_scale
             rows = w[a - r0 : b - r0]
+            if float32_out:
+                rows.add_(torch.mm(self.lora_up[a:b], down, out_dtype=torch.float32), alpha=alpha)
+                continue
+            up = self.lora_up[a:b].to(torch.float32) * self.lora_scale
             if rows.dtype == torch.float32:
                 rows.addmm_(up, down)
             else:

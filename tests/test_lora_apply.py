@@ -299,3 +299,28 @@ def test_bf16_side_path_and_merge_agree_with_float32(root, manifest, base_path, 
         rel = ((outs[mode] - want).norm() / want.norm()).item()
         assert rel <= 2e-2, (mode, rel)
     assert ((outs["side"] - outs["merge"]).norm() / want.norm()).item() <= 2e-2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
+def test_merged_bf16_weight_is_rounded_once(device, factor_dtype):
+    """The merge gives round(W + up·scale·down) with the products and their sum formed
+    in float32: half a bf16 ulp (at the size of the terms) from the float64 sum, plus
+    float32 noise. A delta rounded to bf16 before the add is off by 0.93 here."""
+    gen = torch.Generator().manual_seed(3)
+    out_f, in_f, rank = 1536, 5120, 64
+    w = torch.randn(out_f, in_f, generator=gen).to(torch.bfloat16)
+    down = (torch.randn(rank, in_f, generator=gen) * 0.02).to(factor_dtype)
+    up = (torch.randn(out_f, rank, generator=gen) * 0.02).to(factor_dtype)
+    lin = QLinear(in_f, out_f, bias=False)
+    lin.set_weight(w)
+    lin.set_lora(down, up, torch.full((rank,), 0.75))
+    lin.to(device)
+    lin.lora_mode = "merge"
+    merged = lin.dense_weight(torch.bfloat16).double().cpu()
+    base, up, down = w.double(), 0.75 * up.double(), down.double()
+    exact = base + up @ down
+    _, exponent = torch.frexp(torch.maximum(torch.maximum(base.abs(), up.abs() @ down.abs()), exact.abs()))
+    ulp = torch.ldexp(torch.ones_like(exact), exponent - 8)
+    assert ((merged - exact).abs() / ulp).max().item() <= 0.51
+    assert not torch.equal(merged, base)  # the delta is there
