@@ -215,6 +215,14 @@ def save_video(frames: Frames, path: str | os.PathLike, fps: float = DEFAULT_FPS
                       n, w, h, float(fps), tuple(notes))
 
 
+def _as_if_created(path: Path, mode: int) -> None:
+    """Give a temporary file or folder the permissions a plain open() or mkdir() would
+    (mkstemp/mkdtemp make them private, and the rename would keep that)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 class _atomic_file:
     """A temporary file beside `final`; renamed onto it only if the block completes."""
 
@@ -226,6 +234,7 @@ class _atomic_file:
                                     suffix=".partial")
         os.close(fd)
         self.tmp = Path(name)
+        _as_if_created(self.tmp, 0o666)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -343,6 +352,7 @@ def _write_png_folder(video, folder: Path) -> None:
     """Frames go to a temporary folder that takes the final name when complete."""
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
     try:
+        _as_if_created(tmp, 0o777)
         for i, image in enumerate(_pil_frames(video)):
             image.save(tmp / _frame_name(i, len(video)), format="PNG")
         old = None

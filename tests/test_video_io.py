@@ -57,6 +57,21 @@ def test_mp4_reads_back(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_outputs_get_the_permissions_of_a_plain_file(tmp_path):
+    """Written under a private temporary name, the outputs still end up as open() and
+    mkdir() would make them (readable by others where the umask allows)."""
+    umask = os.umask(0o022)
+    try:
+        runtime.save_video(_clip(), tmp_path / "clip.mp4", settings={"seed": 1})
+        runtime.save_video(_clip(), f"{tmp_path}/frames/")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "clip.mp4").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "clip.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "frames").stat().st_mode & 0o777 == 0o755
+
+
 def test_mp4_odd_size_is_padded_with_a_note(tmp_path):
     clip = _clip(5, 33, 47)
     saved = save_video(clip, tmp_path / "odd.mp4", fps=24, crf=0)
