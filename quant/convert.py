@@ -38,6 +38,7 @@ import torch
 from . import codecs
 from .checkpoint import EXPERTS, Checkpoint, CheckpointError, open_checkpoint
 from .convert_pipeline import TensorStream
+from .fp8_scaled import FP8Scales, ScaledFP8Error, find_fp8_scales, scaled_value
 from .ggml_types import FLOAT_TYPES, LEGACY_QUANTS, GGMLType, parse_type, row_nbytes
 from .gguf_writer import GGUFWriter
 from .packed import PackedTensor
@@ -104,7 +105,8 @@ def convert(source, out: str | Path, options: ConvertOptions) -> ConvertResult:
     with open_checkpoint(source) as ckpt:
         _require_wan_dit(ckpt)
         notes = list(ckpt.notes)
-        plans = _plan(ckpt, target, options)
+        fp8 = _fp8_scales(ckpt, notes)
+        plans = _plan(ckpt, target, options, skip=fp8.extra)
         metadata = _metadata(ckpt, options, notes)
 
         writer = GGUFWriter(out, arch=ARCH, overwrite=options.force)
@@ -119,7 +121,7 @@ def convert(source, out: str | Path, options: ConvertOptions) -> ConvertResult:
             bar = tqdm(total=source_bytes, unit="B", unit_scale=True, unit_divisor=1000,
                        desc=f"converting -> {out.name}", dynamic_ncols=True)
         try:
-            with _stream(ckpt, plans, options, bar.update if bar is not None else None) as stream:
+            with _stream(ckpt, plans, options, fp8.scales, bar.update if bar is not None else None) as stream:
                 for plan in plans:
                     writer.add_tensor(plan.name, plan.shape, plan.ggml_type, stream.producer(plan))
                 stream.place_for(writer.tensor_offsets())
@@ -131,15 +133,34 @@ def convert(source, out: str | Path, options: ConvertOptions) -> ConvertResult:
     return ConvertResult(out, plans, metadata, source_bytes, out.stat().st_size, seconds, notes)
 
 
-def _plan(ckpt: Checkpoint, target: GGMLType, options: ConvertOptions) -> list[TensorPlan]:
-    dtypes = {n: _source_dtype(ckpt, n) for n in ckpt.names()}
+def _fp8_scales(ckpt: Checkpoint, notes: list[str]) -> FP8Scales:
+    """ComfyUI's scaled fp8 layout, if the file has it, with a note of what it changes."""
+    try:
+        fp8 = find_fp8_scales(ckpt)
+    except ScaledFP8Error as e:
+        raise ConvertError(str(e)) from None
+    if fp8:
+        others = sorted(fp8.extra - set(fp8.scales.values()))
+        notes.append(
+            f"ComfyUI scaled fp8: {len(fp8.scales)} weights are written as fp8 value x scale (formed in float32)"
+            + (f"; left out {len(others)} tensors that only serve ComfyUI's fp8 matmul ({_names(others)})"
+               if others else ""))
+    return fp8
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _plan(ckpt: Checkpoint, target: GGMLType, options: ConvertOptions, skip=frozenset()) -> list[TensorPlan]:
+    dtypes = {n: _source_dtype(ckpt, n) for n in ckpt.names() if n not in skip}
     bad = [f"{n} ({d})" for n, d in dtypes.items() if not d.is_floating_point]
     if bad:
         raise ConvertError(f"{ckpt.path}: non-float tensors cannot be converted: {', '.join(bad[:4])}")
     base = base_float_type(target, options.via)
     return [
         plan_tensor(n, ckpt.info(n).shape, dtypes[n], target=target, base=base, via=options.via, overrides=options.keep)
-        for n in ckpt.names()
+        for n in dtypes
     ]
 
 
@@ -187,19 +208,20 @@ def _head_count(ckpt: Checkpoint, options: ConvertOptions, notes: list[str]) -> 
     return None
 
 
-def _stream(ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions,
+def _stream(ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions, scales: dict[str, str],
             progress: Callable[[int], None] | None) -> TensorStream:
-    """The pipeline that reads, encodes and hands each tensor to the writer in pieces."""
+    """The pipeline that reads, encodes and hands each tensor to the writer in pieces.
+    `scales`: weight name -> the name of its scale (ComfyUI's scaled fp8)."""
     hooks = options.weight_hooks
     # By default the codec gets every core: the reader and the writer mostly wait on
     # the disk and on memory copies, so the codec is what needs the cores.
     threads = options.threads
 
     def read_whole(plan: TensorPlan) -> torch.Tensor:
-        return _apply_hooks(plan.name, _as_float(ckpt.load(plan.name), threads), hooks)
+        return _apply_hooks(plan.name, _as_float(_load(ckpt, plan.name, scales), threads), hooks)
 
     def byte_reader(plan: TensorPlan):
-        if hooks or ckpt.info(plan.name).dtype not in _TORCH_FLOATS.values():
+        if hooks or plan.name in scales or ckpt.info(plan.name).dtype not in _TORCH_FLOATS.values():
             return None
         return ckpt.byte_reader(plan.name)
 
@@ -209,6 +231,12 @@ def _stream(ckpt: Checkpoint, plans: list[TensorPlan], options: ConvertOptions,
     return TensorStream(plans, read_whole=read_whole, byte_reader=byte_reader, encode=encode,
                         source_nbytes=lambda p: ckpt.info(p.name).nbytes,
                         source_dtype=lambda p: ckpt.info(p.name).dtype, progress=progress)
+
+
+def _load(ckpt: Checkpoint, name: str, scales: dict[str, str]):
+    """The tensor as stored, or value x scale in float32 for a scaled fp8 weight."""
+    x = ckpt.load(name)
+    return scaled_value(x, ckpt.load(scales[name])) if name in scales else x
 
 
 # Input bytes per codec call on the route through a float base: each chunk is rounded
@@ -310,22 +338,24 @@ def dequantize_to_safetensors(source, out: str | Path, *, dtype: torch.dtype = t
     out = Path(out)
     _check_output(out, force, _source_paths(source))
     with open_checkpoint(source) as ckpt:
+        fp8 = _fp8_scales(ckpt, [])
+        names = [n for n in ckpt.names() if n not in fp8.extra]
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(ckpt), unit="tensor", desc=f"dequantizing -> {out.name}", dynamic_ncols=True)
+            bar = tqdm(total=len(names), unit="tensor", desc=f"dequantizing -> {out.name}", dynamic_ncols=True)
 
         def produce(name: str) -> Callable[[], torch.Tensor]:
             def f() -> torch.Tensor:
-                x = ckpt.load(name)
+                x = _load(ckpt, name, fp8.scales)
                 if isinstance(x, PackedTensor) and x.ggml_type in LEGACY_QUANTS:
                     # the codec rounds its float32 values once to dtype, as .to(dtype) would
                     return codecs.dequantize(x.data, x.ggml_type, x.shape, dtype=dtype, threads=threads)
                 return _as_float(x, threads).to(dtype)
             return f
 
-        tensors = [TensorToWrite(n, dtype, ckpt.info(n).shape, produce(n)) for n in ckpt.names()]
+        tensors = [TensorToWrite(n, dtype, ckpt.info(n).shape, produce(n)) for n in names]
         meta = {"format": "pt", "source": Path(ckpt.path).name}
         if ckpt.expert:
             meta[EXPERT_KEY] = ckpt.expert

@@ -14,7 +14,6 @@ city96's converter before fix_5d_tensors.py, or a file of another model.
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -22,6 +21,7 @@ from typing import Iterable
 import torch
 
 from quant.checkpoint import Checkpoint, open_checkpoint
+from quant.fp8_scaled import ScaledFP8Error, find_fp8_scales, scaled_value
 from quant.packed import PackedTensor
 from quant import wan_names
 
@@ -44,14 +44,6 @@ HEAD_KEYS = ("wan.num_heads", "wan.attention.head_count")
 # Linears that run in float32 whatever the compute dtype (inside the official float32
 # autocast islands): their weights are never narrowed at load.
 FLOAT32_LINEARS = ("time_embedding.", "time_projection.", "head.")
-
-# ComfyUI scaled fp8: `scaled_fp8` marks the file; per linear `<layer>.scale_weight` (old)
-# or `<layer>.weight_scale` (+ `<layer>.comfy_quant` json) scales the fp8 `<layer>.weight`;
-# `scale_input`/`input_scale` only serve ComfyUI's fp8 matmul and are not needed when
-# the weight is dequantized.
-_WEIGHT_SCALE = (".scale_weight", ".weight_scale")
-_INPUT_SCALE = (".scale_input", ".input_scale")
-_QUANT_MARKERS = ("scaled_fp8",)
 
 # Name prefixes of Wan DiT tensors: a file with some of them is an incomplete Wan DiT.
 _WAN_PREFIXES = ("blocks.", "patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "head.")
@@ -153,8 +145,12 @@ def inspect_checkpoint(ckpt: Checkpoint, *, num_heads: int | None = None) -> Loa
             "safetensors file, or convert the original checkpoint with `python -m quant.convert`."
         )
 
-    scales, consumed = _fp8_scales(ckpt)
-    shapes = {n: tuple(ckpt.info(n).shape) for n in names if n not in consumed}
+    try:
+        fp8 = find_fp8_scales(ckpt)
+    except ScaledFP8Error as e:
+        raise DiTLoadError(str(e)) from None
+    scales = fp8.scales
+    shapes = {n: tuple(ckpt.info(n).shape) for n in names if n not in fp8.extra}
     heads, heads_source = _num_heads(ckpt, num_heads)
     text_len, eps = 512, 1e-6
     if ckpt.config:
@@ -197,44 +193,6 @@ def _missing_extra(shapes: dict, want: dict | None) -> str:
     return "; ".join(parts)
 
 
-def _fp8_scales(ckpt: Checkpoint) -> tuple[dict[str, str], set[str]]:
-    """weight name -> scale tensor name for ComfyUI scaled fp8, and the names consumed."""
-    names = set(ckpt.names())
-    scales, consumed = {}, set()
-    for n in names:
-        if n in _QUANT_MARKERS:
-            consumed.add(n)
-        elif n.endswith(".comfy_quant"):
-            conf = _comfy_quant(ckpt, n)
-            if conf.get("format") not in ("float8_e4m3fn", "float8_e5m2"):
-                raise DiTLoadError(
-                    f"{ckpt.path}: {n} declares the quantization format {conf.get('format')!r}; "
-                    "wanrt reads ComfyUI's fp8 (float8_e4m3fn / float8_e5m2) weights only"
-                )
-            consumed.add(n)
-        elif n.endswith(_INPUT_SCALE):
-            consumed.add(n)
-        elif n.endswith(_WEIGHT_SCALE):
-            layer = n.rsplit(".", 1)[0]
-            weight = layer + ".weight"
-            if weight not in names:
-                raise DiTLoadError(f"{ckpt.path}: {n} scales {weight}, which is not in the file")
-            scales[weight] = n
-            consumed.add(n)
-    for weight in scales:
-        if ckpt.info(weight).dtype not in FP8_TYPES:
-            raise DiTLoadError(f"{ckpt.path}: {weight} has a scale but is stored as {ckpt.info(weight).dtype}, not fp8")
-    return scales, consumed
-
-
-def _comfy_quant(ckpt: Checkpoint, name: str) -> dict:
-    raw = ckpt.load(name)
-    try:
-        return json.loads(bytes(raw.to(torch.uint8).flatten().tolist()).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise DiTLoadError(f"{ckpt.path}: {name} is not the JSON layer description ComfyUI writes") from None
-
-
 def _num_heads(ckpt: Checkpoint, given: int | None) -> tuple[int | None, str]:
     if given is not None:
         return int(given), "argument"
@@ -271,7 +229,7 @@ def _place(model: WanDiT, name: str, value, scale_name, ckpt: Checkpoint, *, dty
     if isinstance(value, PackedTensor):  # a small tensor some tool quantized: decode once
         value = value.dequantize(torch.float32)
     elif fp8:
-        value = value.to(torch.float32) * scale.reshape(-1, *([1] * (value.dim() - 1)))  # one scale, or one per row
+        value = scaled_value(value, scale)
     elif not value.dtype.is_floating_point:
         value = value.to(torch.float32)
     setattr(module, attr, value.to(device))

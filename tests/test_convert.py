@@ -380,3 +380,66 @@ def test_dequantize_to_half_precision_rounds_the_float32_values_once(golden, tmp
             x = f.load(n)
             exact = codecs.dequantize(x.data, x.ggml_type, x.shape) if t.ggml_type in LEGACY_QUANTS else x.float()
             assert restored[n].dtype == torch_dtype and torch.equal(restored[n], exact.to(torch_dtype)), n
+
+
+def _scaled_fp8_pair(reference: dict, style: str) -> tuple[dict, dict]:
+    """A ComfyUI scaled fp8 file of the reference's block linears (`style`: the older
+    scale_weight + scaled_fp8 layout, or weight_scale + comfy_quant with one scale per
+    row) and the dense file of the values it stands for (fp8 value x scale, float32)."""
+    stored, dense = {}, {}
+    for n, w in reference.items():
+        prefixed = "model.diffusion_model." + n
+        if not (n.startswith("blocks.") and n.endswith(".weight") and w.dim() == 2):
+            stored[prefixed], dense[n] = w, w
+            continue
+        layer = prefixed.removesuffix(".weight")
+        if style == "scale_weight":
+            scale = w.abs().max().float().reshape(1) / 448
+            stored[layer + ".scale_weight"], stored[layer + ".scale_input"] = scale, torch.ones(1)
+        else:
+            scale = w.abs().amax(dim=1).float().clamp_min(1e-6) / 448
+            stored[layer + ".weight_scale"] = scale
+            stored[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+        w8 = (w.float() / scale.reshape(-1, 1)).to(torch.float8_e4m3fn)
+        stored[prefixed], dense[n] = w8, w8.float() * scale.reshape(-1, 1)
+    if style == "scale_weight":
+        stored["model.diffusion_model.scaled_fp8"] = torch.zeros(1, dtype=torch.float8_e4m3fn)
+    return stored, dense
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("style", ["scale_weight", "weight_scale"])
+def test_comfyui_scaled_fp8_converts_to_its_values(golden, tmp_path, capsys, style):
+    """The scale is applied (not written as a tensor of its own beside an unscaled
+    weight), and what only serves ComfyUI's fp8 matmul is left out with a note: the
+    file equals the one converted from the dense values, for a quantized and a float type."""
+    from safetensors.torch import save_file
+
+    stored, dense = _scaled_fp8_pair(load_file(str(golden / "gguf/wan_tiny/wan_tiny.safetensors")), style)
+    save_file(stored, str(tmp_path / "fp8_scaled.safetensors"))
+    save_file(dense, str(tmp_path / "dense.safetensors"))
+    for kind in ("q8_0", "f16"):
+        got, want = tmp_path / f"fp8-{kind}.gguf", tmp_path / f"dense-{kind}.gguf"
+        assert main([str(tmp_path / "fp8_scaled.safetensors"), str(got), "--type", kind]) == 0
+        note = "".join(capsys.readouterr())
+        scaled = sum(k.endswith((".scale_weight", ".weight_scale")) for k in stored)
+        assert f"ComfyUI scaled fp8: {scaled} weights are written as fp8 value x scale" in note
+        assert "left out" in note  # input scales and the marker, or the layer descriptions
+        assert _run([tmp_path / "dense.safetensors", want, "--type", kind]) == 0
+        with GGUFFile(got) as a, GGUFFile(want) as b:
+            assert list(a.tensors) == list(b.tensors)
+            for name in a.tensors:
+                assert a.tensors[name].ggml_type == b.tensors[name].ggml_type, name
+                assert torch.equal(a.raw(name), b.raw(name)), name
+
+
+@pytest.mark.golden
+def test_comfyui_layer_format_other_than_fp8_is_refused(golden, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    stored, _ = _scaled_fp8_pair(load_file(str(golden / "gguf/wan_tiny/wan_tiny.safetensors")), "weight_scale")
+    key = next(k for k in stored if k.endswith(".comfy_quant"))
+    stored[key] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_file(stored, str(tmp_path / "nvfp4.safetensors"))
+    assert main([str(tmp_path / "nvfp4.safetensors"), str(tmp_path / "out.gguf"), "--type", "q8_0"]) != 0
+    assert "'nvfp4'" in "".join(capsys.readouterr()) and not (tmp_path / "out.gguf").exists()
