@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from quant import fp8_scaled
 from quant.ggml_types import GGMLType, row_nbytes
 from quant.gguf_reader import GGUFFile
 from quant.packed import PackedTensor
@@ -380,7 +381,7 @@ def _load_weights(
             if isinstance(module, QLinear) and value.dtype in FP8_TYPES:
                 module.set_weight(value.to(where), scale.to(where))  # fp8 stays fp8 until the matmul
                 continue
-            value = value.to(torch.float32) * scale.reshape(-1, *[1] * (value.dim() - 1))
+            value = fp8_scaled.scaled_value(value, scale)
         if isinstance(value, PackedTensor):
             if not hasattr(module, "set_weight"):  # norms and bias tables are tiny: decode them
                 value = value.dequantize(torch.float32)
@@ -521,14 +522,15 @@ def load_text_encoder(
     with contextlib.ExitStack() as stack:
         found: dict[str, tuple[str, Callable]] = {}
         shapes: dict[str, tuple[int, ...]] = {}
-        scales: dict[str, Callable] = {}  # ComfyUI scaled fp8: weight = fp8 values * scale_weight
+        scales: dict[str, Callable] = {}  # ComfyUI scaled fp8: weight = fp8 values * its scale
         unknown: list[str] = []
         for file in files:
             for stored, (shape, loader) in _read_tensors(file, stack).items():
-                if stored == "scaled_fp8" or stored.endswith(".scale_input"):
-                    continue  # a format marker; activation scales for fp8 matmuls
-                if stored.endswith(".scale_weight"):
-                    name = official_name(stored.removesuffix("scale_weight") + "weight")
+                if stored in fp8_scaled.MARKERS or stored.endswith(
+                        (*fp8_scaled.INPUT_SCALE_SUFFIXES, fp8_scaled.LAYER_DESCRIPTION_SUFFIX)):
+                    continue  # a format marker or layer description; activation scales for fp8 matmuls
+                if stored.endswith(fp8_scaled.WEIGHT_SCALE_SUFFIXES):
+                    name = official_name(stored.rsplit(".", 1)[0] + ".weight")
                     if name is not None:
                         scales[name] = loader
                         continue

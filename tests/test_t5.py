@@ -135,16 +135,25 @@ def test_sharded_hf_folder(t5, io, tmp_path):
     torch.testing.assert_close(enc.forward(io["ids"], io["mask"]), io["out"], atol=ATOL_FP32, rtol=0)
 
 
-def test_comfyui_scaled_fp8(t5, io, tmp_path):
-    """fp8 weights with a per-tensor `scale_weight` (ComfyUI's fp8_scaled files) stay fp8."""
+@pytest.mark.parametrize("style", ["scale_weight", "weight_scale"])
+def test_comfyui_scaled_fp8(t5, io, tmp_path, style):
+    """fp8 weights with a per-tensor scale (ComfyUI's fp8_scaled files: the older
+    `scale_weight` + `scaled_fp8` layout, or `weight_scale` + `comfy_quant`) stay fp8."""
     weights = load_file(str(t5 / "hf_weights.safetensors"))
-    scaled, dequantized = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    scaled, dequantized = {}, {}
+    if style == "scale_weight":
+        scaled["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     for name, w in weights.items():
         if w.dim() == 2 and name != "shared.weight" and "relative_attention_bias" not in name:
             scale = w.abs().amax() / 448.0
             w8 = (w / scale).to(torch.float8_e4m3fn)
-            scaled[name], scaled[name.removesuffix("weight") + "scale_weight"] = w8, scale.reshape(1)
-            scaled[name.removesuffix("weight") + "scale_input"] = torch.ones(1)
+            layer = name.removesuffix(".weight")
+            scaled[name] = w8
+            if style == "scale_weight":
+                scaled[layer + ".scale_weight"], scaled[layer + ".scale_input"] = scale.reshape(1), torch.ones(1)
+            else:
+                scaled[layer + ".weight_scale"], scaled[layer + ".input_scale"] = scale.reshape(()), torch.ones(())
+                scaled[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
             dequantized[name] = w8.to(torch.float32) * scale
         else:
             scaled[name] = dequantized[name] = w
