@@ -27,6 +27,11 @@ OFFICIAL_LOW = "low_noise_model"
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
 OFFICIAL_TOKENIZER = Path("google") / "umt5-xxl"
+# A diffusers pipeline folder (Wan-AI/Wan2.2-I2V-A14B-Diffusers): `transformer` runs the
+# high-noise steps, `transformer_2` the low-noise ones.
+DIFFUSERS_INDEX = "model_index.json"
+DIFFUSERS_DIRS = {"high_noise": "transformer", "low_noise": "transformer_2", "text_encoder": "text_encoder",
+                  "tokenizer": "tokenizer", "vae": "vae"}
 
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 DIT_SUFFIXES = (".gguf", ".safetensors")
@@ -38,17 +43,18 @@ COMFY_DIRS = {
 
 # What each component is, for messages that say what was expected where.
 EXPECTED = {
-    "high_noise": (f"{OFFICIAL_HIGH}/ (official layout), or a DiT file named for the high-noise "
+    "high_noise": (f"{OFFICIAL_HIGH}/ (official layout), transformer/ (diffusers), or a DiT file named for the high-noise "
                    "expert (…HighNoise….gguf, …high_noise….safetensors, …_high_…) or a GGUF with "
                    "wan.expert = high_noise", "--high-noise"),
-    "low_noise": (f"{OFFICIAL_LOW}/ (official layout), or a DiT file named for the low-noise "
+    "low_noise": (f"{OFFICIAL_LOW}/ (official layout), transformer_2/ (diffusers), or a DiT file named for the low-noise "
                   "expert (…LowNoise….gguf, …low_noise….safetensors, …_low_…) or a GGUF with "
                   "wan.expert = low_noise", "--low-noise"),
-    "text_encoder": (f"{OFFICIAL_T5} (official layout), text_encoders/umt5….safetensors "
-                     "(ComfyUI) or a umt5 ….gguf", "--text-encoder"),
-    "tokenizer": (f"{OFFICIAL_TOKENIZER.as_posix()}/ with tokenizer.json or spiece.model "
-                  "(official layout); a umt5 GGUF carries its own", "--tokenizer"),
-    "vae": (f"{OFFICIAL_VAE} (official layout) or vae/wan_2.1_vae.safetensors (ComfyUI)", "--vae"),
+    "text_encoder": (f"{OFFICIAL_T5} (official layout), text_encoder/ (diffusers), "
+                     "text_encoders/umt5….safetensors (ComfyUI) or a umt5 ….gguf", "--text-encoder"),
+    "tokenizer": (f"{OFFICIAL_TOKENIZER.as_posix()}/ (official layout) or tokenizer/ (diffusers) with "
+                  "tokenizer.json or spiece.model; a umt5 GGUF carries its own", "--tokenizer"),
+    "vae": (f"{OFFICIAL_VAE} (official layout), vae/diffusion_pytorch_model.safetensors (diffusers) "
+            "or vae/wan_2.1_vae.safetensors (ComfyUI)", "--vae"),
 }
 COMPONENTS = tuple(EXPECTED)
 
@@ -64,7 +70,7 @@ class ModelFiles:
     text_encoder: Path | None = None
     tokenizer: Path | None = None
     vae: Path | None = None
-    layout: str = "explicit"  # "official", "comfyui", "flat" or "explicit"
+    layout: str = "explicit"  # "official", "diffusers", "comfyui", "flat" or "explicit"
     folder: Path | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -275,6 +281,9 @@ def find_model_files(folder: str | os.PathLike) -> ModelFiles:
         vae = root / OFFICIAL_VAE if (root / OFFICIAL_VAE).is_file() else find_vae([root], notes)
         return ModelFiles(high, low, t5, find_tokenizer([root], t5), vae, "official", root, tuple(notes))
 
+    if (root / DIFFUSERS_INDEX).is_file():
+        return _diffusers_files(root, notes)
+
     for base in (root, root / "models"):
         dirs = {k: [base / d for d in names if (base / d).is_dir()] for k, names in COMFY_DIRS.items()}
         if dirs["experts"]:
@@ -287,6 +296,17 @@ def find_model_files(folder: str | os.PathLike) -> ModelFiles:
     t5 = find_text_encoder([root], notes)
     vae = find_vae([root], notes)
     return ModelFiles(high, low, t5, find_tokenizer([root], t5), vae, "flat", root, tuple(notes))
+
+
+def _diffusers_files(root: Path, notes: list[str]) -> ModelFiles:
+    """The components of a diffusers pipeline folder, each in its subfolder."""
+    found = {c: root / d for c, d in DIFFUSERS_DIRS.items() if (root / d).is_dir()}
+    vae = None
+    if "vae" in found:
+        vae = _prefer([p for p in _weight_files(found["vae"], depth=0) if p.suffix == ".safetensors"], "VAE", notes)
+    tokenizer = _tokenizer_dir(found["tokenizer"]) if "tokenizer" in found else None
+    return ModelFiles(found.get("high_noise"), found.get("low_noise"), found.get("text_encoder"), tokenizer, vae,
+                      "diffusers", root, tuple(notes))
 
 
 def resolve_model_files(model: str | os.PathLike | None = None, **explicit) -> ModelFiles:

@@ -166,12 +166,13 @@ def plan_experts(
         budget = min(plans[n].ram.budget for n in flat)
         if need > budget:
             label = weights[flat[0]].label or str(dtype).replace("torch.", "")
-            src = Path(sources[flat[0]])
+            commands = "; ".join(
+                f"python -m quant.convert {sources[n]} wan2.2-i2v-a14b-{ROLES[n]}-Q8_0.gguf --type q8_0 "
+                f"--expert {ROLES[n].replace('-', '_')}" for n in flat)
             raise PlanError(
                 f"the experts are not GGUF files, so they cannot stream from disk: both stay in host memory, "
-                f"{need / GiB:.1f} GiB in {label}, and the RAM budget is {budget / GiB:.1f} GiB; convert each "
-                f"expert to GGUF once (python -m quant.convert {src} {src.stem or src.name}-Q8_0.gguf --type q8_0, "
-                "likewise the other expert), or raise --ram",
+                f"{need / GiB:.1f} GiB in {label}, and the RAM budget is {budget / GiB:.1f} GiB; convert them "
+                f"to GGUF once ({commands}), or raise --ram",
                 need, budget)
     return plans
 

@@ -61,6 +61,26 @@ def test_official_layout(tmp_path):
     files.require("high_noise", "low_noise", "text_encoder", "tokenizer", "vae")
 
 
+def test_diffusers_pipeline_layout(tmp_path):
+    """Wan-AI/Wan2.2-I2V-A14B-Diffusers: transformer runs the high-noise steps, transformer_2 the low-noise ones."""
+    touch(tmp_path, "model_index.json",
+          "transformer/diffusion_pytorch_model-00001-of-00012.safetensors", "transformer/config.json",
+          "transformer_2/diffusion_pytorch_model-00001-of-00012.safetensors",
+          "text_encoder/model-00001-of-00005.safetensors", "text_encoder/config.json",
+          "tokenizer/tokenizer.json", "tokenizer/spiece.model",
+          "vae/diffusion_pytorch_model.safetensors", "vae/config.json", "scheduler/scheduler_config.json")
+    files = find_model_files(tmp_path)
+    assert files.layout == "diffusers"
+    assert (files.high_noise, files.low_noise) == (tmp_path / "transformer", tmp_path / "transformer_2")
+    assert files.text_encoder == tmp_path / "text_encoder"
+    assert files.tokenizer == tmp_path / "tokenizer"
+    assert files.vae == tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    files.require("high_noise", "low_noise", "text_encoder", "tokenizer", "vae")
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFilesError, match=r"vae/diffusion_pytorch_model.safetensors \(diffusers\)"):
+        find_model_files(tmp_path).require("vae")
+
+
 def test_comfyui_layout_prefers_i2v_and_non_fp8_and_the_wan21_vae(tmp_path):
     touch(tmp_path, "models/diffusion_models/wan2.2_i2v_high_noise_14B_fp16.safetensors",
           "models/diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors",

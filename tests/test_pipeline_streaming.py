@@ -163,8 +163,11 @@ def test_experts_outside_a_gguf_must_fit_the_ram_budget_together(golden, gguf_ex
                "low": golden / "pipeline" / "checkpoint" / "low_noise_model"}
     both = sum(header_weights(s, torch.float32).total for s in sources.values())
     pipe = make_pipe(golden, experts_of(golden, gguf_experts, "flat"), streaming=True, ram=f"{both - 1}B")
-    with pytest.raises(PlanError, match=r"not GGUF files.*python -m quant\.convert .*--type q8_0.*or raise --ram"):
+    with pytest.raises(PlanError, match=r"not GGUF files.*python -m quant\.convert .*--type q8_0.*or raise --ram") as err:
         pipe.generate(golden / "pipeline" / "input.png", **golden_kwargs(golden))
+    for role in ("high", "low"):  # one command per expert, its output named for its role
+        assert f"quant.convert {sources[role]} wan2.2-i2v-a14b-{role}-noise-Q8_0.gguf" in str(err.value)
+        assert f"--expert {role}_noise" in str(err.value)
     # GGUF experts stream from their files: only the active one needs host memory
     gguf = {n: header_weights(gguf_experts[n], torch.float32) for n in ("high", "low")}
     one = max(w.total for w in gguf.values())
