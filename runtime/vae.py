@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import vae_diffusers
 from .vae21 import WanVAE21
 from .vae22 import WanVAE22
 from .vae_blocks import (CausalVAE, FeatureCache, VAEConfig, activation_format, conv_weight_format,
@@ -118,17 +119,20 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 def official_names(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """Check that `sd` is a Wan VAE in the official (= ComfyUI) naming, stripping a bundle
-    prefix; refuse anything else by what it looks like."""
+    prefix, or translate diffusers' AutoencoderKLWan names (Wan 2.1 VAE); refuse anything
+    else by what it looks like."""
     for prefix in ("", *PREFIXES):
         if all(prefix + m in sd for m in MARKERS):
             return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if vae_diffusers.is_diffusers_vae(sd):
+        return vae_diffusers.official_names(sd, name)
     for prefix in ("", *PREFIXES):
         missing = [m for m in MARKERS if prefix + m not in sd]
         if len(missing) < len(MARKERS):
             raise ValueError(f"{name}: an incomplete Wan VAE: {', '.join(missing)} missing (the official "
                              f"files hold encoder and decoder; re-download or re-export the whole state dict)")
     if "decoder.conv_in.weight" in sd or "post_quant_conv.weight" in sd:
-        looks = "a diffusers AutoencoderKL(Wan) layout"
+        looks = "a diffusers AutoencoderKL of an image model"
     elif any(k.endswith("self_attn.q.weight") or k.endswith("patch_embedding.weight") for k in sd):
         looks = "a Wan DiT (diffusion model)"
     elif any("token_embedding" in k or "shared.weight" in k for k in sd):
@@ -412,7 +416,9 @@ def load_vae(source, *, device="cpu", dtype: torch.dtype = torch.float32, tile=N
     """Load a Wan 2.1 or 2.2 VAE.
 
     source: Wan2.1_VAE.pth / Wan2.2_VAE.pth (read with torch.load(weights_only=True), never
-      unpickled otherwise), a .safetensors file in the official / ComfyUI naming, or a state dict.
+      unpickled otherwise), a .safetensors file in the official / ComfyUI naming or (Wan 2.1
+      VAE only) diffusers' AutoencoderKLWan naming (vae/diffusion_pytorch_model.safetensors),
+      or a state dict.
     dtype: compute dtype of weights, activations and cache (the official runs float32;
       bfloat16 halves the memory at about 2% relative error).
     tile: None chooses spatial tiles from `vram_budget` (bytes; on CUDA default ~90% of the
