@@ -165,6 +165,10 @@ def config_from_weights(sd: Mapping[str, torch.Tensor], name: str = "state dict"
     config = VAEConfig(version=version, dim=dim, z_dim=z_dim, dec_dim=dec_dim,
                        dim_mult=tuple(w // dim for w in widths), num_res_blocks=blocks[0],
                        temporal_downsample=tuple(temporal))
+    if config.stride[0] != 4:
+        raise ValueError(f"{name}: its encoder compresses time {config.stride[0]}x (temporal downsampling "
+                         f"{list(config.temporal_downsample)}); Wan VAEs compress it 4x, which the causal "
+                         f"4-frame chunks rely on")
     if z_dim != len(LATENT_CONSTANTS[version][0]):
         raise ValueError(f"{name}: a Wan {version} VAE has {len(LATENT_CONSTANTS[version][0])} latent "
                          f"channels, this one {z_dim}")

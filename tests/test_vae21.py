@@ -295,3 +295,14 @@ def test_decoder_only_file_is_named_incomplete(state_dict):
     decoder_only = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
     with pytest.raises(ValueError, match="incomplete Wan VAE: encoder.conv1.weight"):
         runtime.load_vae(decoder_only)
+
+
+def test_a_vae_that_does_not_compress_time_4x_is_refused(tmp_path, state_dict):
+    """The causal chunks are 4 frames because Wan VAEs compress time 4x: a VAE whose
+    encoder downsamples time once is refused, not run on the wrong chunks."""
+    first = min(k for k in state_dict if k.startswith("encoder.downsamples.") and ".time_conv." in k)
+    stage = first.rsplit(".time_conv.", 1)[0]
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(stage + ".time_conv.")}
+    save_file(sd, str(tmp_path / "stride2.safetensors"))
+    with pytest.raises(ValueError, match="compresses time 2x"):
+        runtime.load_vae(tmp_path / "stride2.safetensors")
