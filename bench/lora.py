@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from dit import FULL, TINY, Clock, activation_estimate, fill, fits, memory_snapshot, release  # noqa: E402
+from dit import FULL, TINY, Clock, activation_estimate, fill, fits, fmt, memory_snapshot, release  # noqa: E402
 
 from runtime.dit import Block, BlockInputs, ComputeSettings, Segment, TimeEmbedding  # noqa: E402
 from runtime.qlinear import QLinear, ScratchPool, attach_scratch  # noqa: E402
@@ -155,10 +155,6 @@ def bench(size, batch: int, rank: int, device, runs: int, warmup: int, attention
     del block, x, x0
     release()
     return rows_out
-
-
-def fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def table(rows: list[dict]) -> str:

@@ -5,7 +5,9 @@ environment variable, else in a `shared/golden` folder beside or inside the chec
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,23 @@ def golden() -> Path:
             pytest.skip(msg)
         pytest.fail(msg)
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def city96_routes(golden):
+    """Golden GGUF file name -> (source file, target type, base type), from the commands
+    in gguf/wan_tiny/routes.json that made it."""
+    from quant.ggml_types import GGMLType
+
+    routes = json.loads((golden / "gguf/wan_tiny/routes.json").read_text())
+    out = {}
+    for name, steps in routes.items():
+        src = re.search(r"--src (\S+)", steps[0]).group(1)
+        base = GGMLType[re.search(r"-> (\w+) base", steps[0]).group(1)]
+        target = base
+        for step in steps[1:]:
+            m = re.search(r"llama-quantize <\w+ base> (\w+)", step)
+            if m:
+                target = GGMLType[m.group(1)]
+        out[name] = (src, target, base)
+    return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -35,30 +34,14 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def golden_routes(golden):
-    """golden file -> (source file, target type, base type), read from routes.json."""
-    routes = json.loads((golden / "gguf/wan_tiny/routes.json").read_text())
-    out = {}
-    for name, steps in routes.items():
-        src = re.search(r"--src (\S+)", steps[0]).group(1)
-        base = GGMLType[re.search(r"-> (\w+) base", steps[0]).group(1)]
-        target = base
-        for step in steps[1:]:
-            m = re.search(r"llama-quantize <\w+ base> (\w+)", step)
-            if m:
-                target = GGMLType[m.group(1)]
-        out[name] = (src, target, base)
-    return out
-
-
 def _run(args) -> int:
     return main([*map(str, args), "--quiet"])
 
 
 @pytest.mark.golden
-def test_city96_route_is_reproduced_byte_for_byte(golden, tmp_path):
+def test_city96_route_is_reproduced_byte_for_byte(golden, tmp_path, city96_routes):
     tiny = golden / "gguf/wan_tiny"
-    routes = golden_routes(golden)
+    routes = city96_routes
     assert routes
     for file, (src, target, base) in routes.items():
         out = tmp_path / file

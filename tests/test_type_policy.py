@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -19,22 +18,6 @@ from quant.type_policy import (
 from quant.wan_names import strip_prefix
 
 
-def golden_routes(golden):
-    """file name -> (source file, target type, base type) from routes.json."""
-    routes = json.loads((golden / "gguf/wan_tiny/routes.json").read_text())
-    out = {}
-    for name, steps in routes.items():
-        src = re.search(r"--src (\S+)", steps[0]).group(1)
-        base = GGMLType[re.search(r"-> (\w+) base", steps[0]).group(1)]
-        target = base
-        for step in steps[1:]:
-            m = re.search(r"llama-quantize <\w+ base> (\w+)", step)
-            if m:
-                target = GGMLType[m.group(1)]
-        out[name] = (src, target, base)
-    return out
-
-
 def _source_dtypes(path):
     with safe_open(str(path), "pt") as f:
         kept = strip_prefix(list(f.keys())).kept
@@ -47,9 +30,9 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @pytest.mark.golden
-def test_plan_reproduces_every_golden_file_layout(golden):
+def test_plan_reproduces_every_golden_file_layout(golden, city96_routes):
     listing = {e["file"]: e for e in json.loads((golden / "gguf/wan_tiny/listing.json").read_text())}
-    routes = golden_routes(golden)
+    routes = city96_routes
     assert set(routes) == set(listing)
     for file, (src, target, base) in routes.items():
         dtype_names, shapes = _source_dtypes(golden / "gguf/wan_tiny" / src)

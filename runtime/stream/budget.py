@@ -171,9 +171,10 @@ def driver_used(device: torch.device | int | None = None) -> int:
 # -- host -----------------------------------------------------------------------------
 
 
-def _meminfo(key: str) -> int | None:
+def _proc_kib(path: str, key: str) -> int | None:
+    """Bytes of a `key:  <n> kB` line of a /proc file (None where there is none)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -185,7 +186,7 @@ def _meminfo(key: str) -> int | None:
 def host_available() -> int:
     """Bytes the host can still give without swapping (MemAvailable); psutil's figure
     where /proc is absent."""
-    n = _meminfo("MemAvailable")
+    n = _proc_kib("/proc/meminfo", "MemAvailable")
     if n is not None:
         return n
     import psutil  # not a dependency: only non-Linux hosts get here
@@ -193,25 +194,14 @@ def host_available() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def rss_bytes() -> int:
     """Resident set of this process now (0 where /proc is absent)."""
-    return _status("VmRSS") or 0
+    return _proc_kib("/proc/self/status", "VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
     """Peak resident set since start or since the last `reset_peak_rss()`."""
-    return _status("VmHWM") or 0
+    return _proc_kib("/proc/self/status", "VmHWM") or 0
 
 
 def reset_peak_rss() -> bool:
